@@ -1,0 +1,291 @@
+"""Frozen, validated configuration: the library boundary for ml_collections ConfigDicts.
+
+Configs are written as ConfigDicts (experiments/configs/*.py, CLI overrides) and converted here
+into frozen dataclasses. Every user mistake (unknown key, wrong type, bad value) raises a
+`ValueError` that names the key and says how to fix it. Sizes left at 0 ("auto") are filled in
+by `resolve` once the data dimension is known.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from typing import Any
+
+SAE_ARCHS = ('batch_topk', 'topk')
+RECIPES = ('default', 'reference')
+MODES = ('staged', 'joint')
+STOP_GRADIENTS = ('none', 'partial', 'bilateral')
+B_DEC_INITS = ('geometric_median', 'mean', 'zeros')
+DECODER_INITS = ('random', 'data', 'kmeans++')
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticConfig:
+  d: int = 128
+  n_parents: int = 16
+  n_children: int = 4
+  child_parent_cos: float = 0.6
+  p_parent: float = 0.2
+  parent_emission: float = 0.0
+  log_mag_mean: float = 0.0
+  log_mag_std: float = 0.25
+  noise_std: float = 0.02
+  seed: int = 1234
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  path: str = ''
+  holdout_rows: int = -1
+  eval_rows: int = 32768
+  synthetic: SyntheticConfig = SyntheticConfig()
+
+
+@dataclasses.dataclass(frozen=True)
+class SAEConfig:
+  arch: str = 'batch_topk'
+  n_latents: int = 0
+  k: int = 0
+  recipe: str = 'default'
+  auxk_weight: float | None = None
+  k_aux: int = 0
+  dead_tokens: int | None = None
+  k_anneal_frac: float | None = None
+  b_dec_init: str = 'geometric_median'
+  decoder_init: str | None = None
+  threshold_decay: float = 0.999
+  threshold_start: int | None = None
+  # level-1 only: alive = fires on at least this fraction of held-out inputs
+  alive_min_density: float = 1e-4
+  # level-2 only (ignored at level 1)
+  restarts: int = 1
+  steps: int = 3000
+  batch_size: int = 0
+  lr: float = 1e-3
+  assign_threshold: float = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 4000
+  batch_size: int = 1024
+  lr: float = 2e-3
+  seed: int = 0
+  warmup_steps: int = 100
+  decay_start: float = 0.8
+  grad_clip: float = 1.0
+  log_every: int = 25
+  checkpoint_every: int = 500
+  keep_checkpoints: int = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class JointConfig:
+  alpha: float = 1.0
+  level2_start: int = 2000
+  stop_gradient: str = 'none'
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = -1
+  model: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  mode: str = 'staged'
+  overwrite: bool = False
+  data: DataConfig = DataConfig()
+  level1: SAEConfig = SAEConfig()
+  level2: SAEConfig = SAEConfig(k=1)
+  train: TrainConfig = TrainConfig()
+  joint: JointConfig = JointConfig()
+  mesh: MeshConfig = MeshConfig()
+
+
+def _check_type(key: str, value: Any, annotation: Any) -> Any:
+  """Coerces `value` to the annotated type or raises a ValueError naming `key`."""
+  origin = typing.get_origin(annotation)
+  if origin in (typing.Union, types.UnionType):
+    args = typing.get_args(annotation)
+    if value is None and type(None) in args:
+      return None
+    (annotation,) = [a for a in args if a is not type(None)]
+  if annotation is bool:
+    if isinstance(value, bool):
+      return value
+  elif annotation is int:
+    if isinstance(value, int) and not isinstance(value, bool):
+      return value
+  elif annotation is float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+      return float(value)
+  elif annotation is str:
+    if isinstance(value, str):
+      return value
+  raise ValueError(
+      f'config key {key!r} must be of type {annotation.__name__}, got {value!r} '
+      f'({type(value).__name__}); set e.g. --config.{key}=<{annotation.__name__}>')
+
+
+def _build(cls: type, values: Any, prefix: str) -> Any:
+  if hasattr(values, 'to_dict'):
+    values = values.to_dict()
+  if not isinstance(values, dict):
+    raise ValueError(f'config key {prefix.rstrip(".")!r} must be a group of fields, got {values!r}')
+  hints = typing.get_type_hints(cls)
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - names)
+  if unknown:
+    raise ValueError(
+        f'unknown config key(s) {[prefix + u for u in unknown]}; known keys under '
+        f'{prefix.rstrip(".") or "the root"}: {sorted(names)}')
+  kwargs = {}
+  for name, value in values.items():
+    key = prefix + name
+    hint = hints[name]
+    if dataclasses.is_dataclass(hint):
+      kwargs[name] = _build(hint, value, key + '.')
+    else:
+      kwargs[name] = _check_type(key, value, hint)
+  return cls(**kwargs)
+
+
+def _one_of(key: str, value: str, allowed: tuple[str, ...]) -> None:
+  if value not in allowed:
+    raise ValueError(f'config key {key!r} is {value!r}; choose one of {list(allowed)}')
+
+
+def _positive(key: str, value: float, allow_zero: bool = False) -> None:
+  if value < 0 or (value == 0 and not allow_zero):
+    raise ValueError(f'config key {key!r} must be {">= 0" if allow_zero else "> 0"}, got {value}')
+
+
+def _validate_sae(key: str, sae: SAEConfig) -> None:
+  _one_of(f'{key}.arch', sae.arch, SAE_ARCHS)
+  _one_of(f'{key}.recipe', sae.recipe, RECIPES)
+  _one_of(f'{key}.b_dec_init', sae.b_dec_init, B_DEC_INITS)
+  if sae.decoder_init is not None:
+    _one_of(f'{key}.decoder_init', sae.decoder_init, DECODER_INITS)
+  for name in ('n_latents', 'k', 'k_aux', 'batch_size'):
+    _positive(f'{key}.{name}', getattr(sae, name), allow_zero=True)
+  _positive(f'{key}.steps', sae.steps)
+  _positive(f'{key}.restarts', sae.restarts)
+  if not 0 <= sae.alive_min_density < 1:
+    raise ValueError(f'config key {key}.alive_min_density must be in [0, 1)')
+  _positive(f'{key}.lr', sae.lr)
+  if sae.k_anneal_frac is not None and not 0 <= sae.k_anneal_frac < 1:
+    raise ValueError(f'config key {key}.k_anneal_frac must be in [0, 1), got {sae.k_anneal_frac}')
+  if not 0 < sae.threshold_decay < 1:
+    raise ValueError(f'config key {key}.threshold_decay must be in (0, 1)')
+  if sae.n_latents and sae.k and sae.k > sae.n_latents:
+    raise ValueError(
+        f'{key}.k = {sae.k} is larger than the dictionary ({key}.n_latents = {sae.n_latents}); '
+        f'set {key}.k <= {sae.n_latents} (typically a few percent of it)')
+
+
+def validate(cfg: Config) -> Config:
+  _one_of('mode', cfg.mode, MODES)
+  _one_of('joint.stop_gradient', cfg.joint.stop_gradient, STOP_GRADIENTS)
+  _validate_sae('level1', cfg.level1)
+  _validate_sae('level2', cfg.level2)
+  t = cfg.train
+  for name in ('steps', 'batch_size', 'lr', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
+    _positive(f'train.{name}', getattr(t, name))
+  _positive('train.warmup_steps', t.warmup_steps, allow_zero=True)
+  if not 0 < t.decay_start <= 1:
+    raise ValueError(f'config key train.decay_start must be in (0, 1], got {t.decay_start}')
+  _positive('joint.alpha', cfg.joint.alpha, allow_zero=True)
+  if cfg.mode == 'joint' and not 0 <= cfg.joint.level2_start < t.steps:
+    raise ValueError(
+        f'joint.level2_start = {cfg.joint.level2_start} must be in [0, train.steps = {t.steps})')
+  s = cfg.data.synthetic
+  for name in ('d', 'n_parents', 'n_children'):
+    _positive(f'data.synthetic.{name}', getattr(s, name))
+  if not 0 <= s.child_parent_cos <= 1:
+    raise ValueError('data.synthetic.child_parent_cos must be in [0, 1]')
+  for name in ('p_parent', 'parent_emission'):
+    if not 0 <= getattr(s, name) <= 1:
+      raise ValueError(f'data.synthetic.{name} must be a probability in [0, 1]')
+  if cfg.mesh.model < 1 or (cfg.mesh.data < 1 and cfg.mesh.data != -1):
+    raise ValueError('mesh.data must be >= 1 or -1 (all devices), mesh.model >= 1')
+  return cfg
+
+
+def from_config_dict(cd: Any) -> Config:
+  """ConfigDict (or dict) -> validated frozen Config."""
+  return validate(_build(Config, cd, ''))
+
+
+# Recipe values for the fields left at None. 'reference' is the paper's code (PAPER.md).
+_RECIPE_DEFAULTS = {
+    'default': dict(auxk_weight=1 / 32, dead_tokens=None, k_anneal_frac=0.0,
+                    decoder_init=None, threshold_start=None),
+    'reference': dict(auxk_weight=0.0, dead_tokens=None, k_anneal_frac=0.1,
+                      decoder_init='random', threshold_start=1000),
+}
+
+
+def resolve_sae(sae: SAEConfig, *, d: int, n_latents: int, k: int, steps: int,
+                batch_size: int, key: str) -> SAEConfig:
+  """Fills every auto / recipe field of one SAE config for inputs of dimension d."""
+  n = sae.n_latents or n_latents
+  kk = sae.k or k
+  if kk > n:
+    raise ValueError(f'{key}.k = {kk} is larger than the dictionary ({key}.n_latents = {n}); '
+                     f'lower {key}.k or raise {key}.n_latents')
+  fill = dict(_RECIPE_DEFAULTS[sae.recipe])
+  # Dead after ~ 1/10 of training's inputs without firing, at least 4 batches' worth.
+  fill['dead_tokens'] = max(4 * batch_size, steps * batch_size // 10)
+  fill['threshold_start'] = min(fill['threshold_start'] or steps // 10, steps // 2)
+  # Level 2 (inputs: decoder rows) starts from k-means++ seeds: measured, it avoids the merged
+  # groups a k=1 SAE gets stuck in; level 1 starts from random directions.
+  fill['decoder_init'] = fill['decoder_init'] or ('kmeans++' if key == 'level2' else 'random')
+  changes = {f: v for f, v in fill.items() if getattr(sae, f) is None}
+  return dataclasses.replace(sae, n_latents=n, k=kk, k_aux=sae.k_aux or max(1, min(n, d // 2)),
+                             **changes)
+
+
+def resolve(cfg: Config, *, d: int, synthetic_atoms: int | None = None) -> Config:
+  """Fills the auto sizes once the data dimension d is known.
+
+  Synthetic data: n1 = 2x the number of true atoms, k1 = expected active atoms (rounded up),
+  n2 = 1.25x the number of true parents (measured: 1x 0.87, 1.25x 0.89, 1.5x 0.81, 2x 0.62 ARI). User data: the paper's ratios scaled to d (the release
+  uses d = 1024, n1 = 20,000 ~ 20 d, k1 = 6, n2 = n1 / 2, k2 = 1): n1 = 16 d, k1 = 6, n2 = n1/2.
+  """
+  s = cfg.data.synthetic
+  if synthetic_atoms is not None:
+    n1_auto = 2 * synthetic_atoms
+    expected_active = s.n_parents * s.p_parent * (1 + s.parent_emission)
+    k1_auto = max(1, int(-(-expected_active // 1)))
+    n2_auto = s.n_parents + -(-s.n_parents // 4)  # 1.25 K: room for a few non-child atoms
+  else:
+    n1_auto, k1_auto = 16 * d, 6
+    n2_auto = (cfg.level1.n_latents or n1_auto) // 2
+  t = cfg.train
+  level1 = resolve_sae(cfg.level1, d=d, n_latents=n1_auto, k=k1_auto, steps=t.steps,
+                       batch_size=t.batch_size, key='level1')
+  n2_auto = n2_auto if synthetic_atoms is not None else level1.n_latents // 2
+  level2_steps = t.steps if cfg.mode == 'joint' else cfg.level2.steps
+  level2 = resolve_sae(cfg.level2, d=d, n_latents=n2_auto, k=1, steps=level2_steps,
+                       batch_size=cfg.level2.batch_size or level1.n_latents, key='level2')
+  if level2.n_latents > level1.n_latents:
+    raise ValueError(f'level2.n_latents = {level2.n_latents} exceeds level1.n_latents = '
+                     f'{level1.n_latents}: level 2 groups level-1 features, make it smaller')
+  return dataclasses.replace(cfg, level1=level1, level2=level2)
+
+
+def to_dict(cfg: Any) -> dict:
+  return dataclasses.asdict(cfg)
+
+
+def stable_hash(obj: Any) -> str:
+  """Hash of a json-able object (or dataclass), independent of key order."""
+  if dataclasses.is_dataclass(obj):
+    obj = dataclasses.asdict(obj)
+  return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,1 @@
+"""Evaluation: reconstruction statistics (recon.py), synthetic ground-truth recovery (synthetic.py)."""

@@ -1,0 +1,50 @@
+"""Reconstruction quality of one SAE under its inference rule, streamed over evaluation batches."""
+
+from __future__ import annotations
+
+import functools
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from csae_jax.saes import common, get_arch
+
+
+@functools.partial(jax.jit, static_argnames=('arch', 'k'))
+def encode(params: common.Params, x_bd, threshold, *, arch: str, k: int):
+  """Inference codes: TopK keeps k per input; BatchTopK uses its learned threshold."""
+  return get_arch(arch).infer_codes(common.pre_acts(params, x_bd), k, threshold)
+
+
+@functools.partial(jax.jit, static_argnames=('arch', 'k'))
+def _batch_stats(params, x_bd, threshold, *, arch, k):
+  codes_bn = encode(params, x_bd, threshold, arch=arch, k=k)
+  x_hat_bd = common.decode(params, codes_bn)
+  cos_b = jnp.sum(x_hat_bd * x_bd, -1) / jnp.maximum(
+      jnp.linalg.norm(x_hat_bd, axis=-1) * jnp.linalg.norm(x_bd, axis=-1), 1e-12)
+  return {'sq_err': jnp.sum((x_hat_bd - x_bd) ** 2), 'sum_x': jnp.sum(x_bd, 0),
+          'sum_sq': jnp.sum(x_bd ** 2), 'l0': jnp.sum(codes_bn > 0), 'cos': jnp.sum(cos_b),
+          'fires_n': jnp.sum(codes_bn > 0, 0)}
+
+
+def evaluate(params: common.Params, batches: Iterable[np.ndarray], threshold, *, arch: str,
+             k: int) -> dict:
+  """FVU (1 - variance explained), MSE, cosine, L0 and per-latent firing counts.
+
+  Totals are accumulated on the host in float64, so the result does not depend on batching.
+  """
+  n, tot = 0, None
+  for x_bd in batches:
+    s = jax.device_get(_batch_stats(params, jnp.asarray(x_bd), threshold, arch=arch, k=k))
+    s = {key: np.asarray(v, np.float64) for key, v in s.items()}
+    tot = s if tot is None else {key: tot[key] + s[key] for key in tot}
+    n += len(x_bd)
+  if not n:
+    raise ValueError('evaluation got no rows; raise data.eval_rows / data.holdout_rows')
+  total_var = tot['sum_sq'] - np.sum(tot['sum_x'] ** 2) / n
+  fires_n = tot['fires_n'].astype(np.int64)
+  return {'fvu': float(tot['sq_err'] / max(total_var, 1e-12)), 'mse': float(tot['sq_err'] / n),
+          'cos': float(tot['cos'] / n), 'l0': float(tot['l0'] / n),
+          'dead_frac': float(np.mean(fires_n == 0)), 'fires_n': fires_n, 'n_rows': n}

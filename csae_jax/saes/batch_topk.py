@@ -1,0 +1,50 @@
+"""BatchTopK SAE (Bussmann et al. 2024): the batch keeps its k * batch largest activations.
+
+Training selects over the whole batch, so per-input sparsity adapts (k on average). Inference
+cannot depend on the batch: `infer_codes` uses a learned threshold theta (EMA of the smallest
+kept activation), so an exported BatchTopK SAE behaves like a JumpReLU with one shared threshold.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from csae_jax.saes import select
+
+name = 'batch_topk'
+
+
+def batch_threshold(acts_bn: Float[Array, 'b n'], k, valid_b=None) -> jax.Array:
+  """The (k * n_valid)-th largest activation of the batch (rows with valid_b False excluded).
+
+  k and the row mask (joint mode's live atoms) may be traced: nothing recompiles when they
+  change. `select.kth_largest` needs no gather of the latent-sharded activations.
+  """
+  n_valid = acts_bn.shape[0]
+  if valid_b is not None:
+    acts_bn = jnp.where(valid_b[:, None], acts_bn, 0.0)
+    n_valid = jnp.sum(valid_b)
+  return select.kth_largest(acts_bn, jnp.maximum(jnp.asarray(k) * n_valid, 1))
+
+
+def train_codes(acts_bn: Float[Array, 'b n'], k, valid_b=None) -> Float[Array, 'b n']:
+  thr = batch_threshold(acts_bn, k, valid_b)
+  keep = (acts_bn >= thr) & (acts_bn > 0)
+  if valid_b is not None:
+    keep &= valid_b[:, None]
+  return jnp.where(keep, acts_bn, 0.0)
+
+
+def infer_codes(acts_bn: Float[Array, 'b n'], k: int, threshold) -> Float[Array, 'b n']:
+  del k
+  return jnp.where(acts_bn > threshold, acts_bn, 0.0)
+
+
+def update_threshold(threshold, codes_bn, decay, enabled):
+  """EMA of the minimum positive kept activation; the first update sets it (no zero bias)."""
+  min_pos = jnp.min(jnp.where(codes_bn > 0, codes_bn, jnp.inf))
+  ok = enabled & jnp.isfinite(min_pos)
+  new = jnp.where(threshold < 0, min_pos, decay * threshold + (1 - decay) * min_pos)
+  return jnp.where(ok, new, threshold)

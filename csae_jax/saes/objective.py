@@ -1,0 +1,90 @@
+"""The SAE training objective: reconstruction + AuxK dead-latent loss, and its statistics.
+
+One function serves level 1 (inputs = activations), staged level 2 (inputs = decoder rows) and
+joint level 2 (inputs = the live rows of the level-1 decoder, selected by a row mask, with
+optional stop-gradients on the input and the target separately).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+from csae_jax.saes import common, select
+
+
+class SAEHyper(NamedTuple):
+  """Static per-SAE settings the step closes over (hashable, so jit sees constants)."""
+  arch: str
+  k: int
+  k_aux: int
+  auxk_weight: float
+  dead_tokens: int
+  k_anneal_steps: int
+  d: int
+
+
+class LossOut(NamedTuple):
+  loss: jax.Array          # scalar, what is minimised
+  recon: jax.Array         # mean squared error per input (sum over d)
+  aux: jax.Array           # AuxK loss (0 when no latent is dead)
+  fvu: jax.Array           # recon / total variance of the batch
+  l0: jax.Array            # mean active latents per input
+  codes_bn: jax.Array      # the training codes (for threshold and firing statistics)
+
+
+def k_at(h: SAEHyper, step) :
+  """k annealed linearly from d to k over the first k_anneal_steps steps (reference recipe)."""
+  if h.k_anneal_steps <= 0:
+    return h.k
+  frac = jnp.clip(step / h.k_anneal_steps, 0.0, 1.0)
+  return jnp.round(h.d + (h.k - h.d) * frac).astype(jnp.int32)
+
+
+def _masked_mean(v_b, valid_b):
+  if valid_b is None:
+    return jnp.mean(v_b)
+  w = valid_b.astype(v_b.dtype)
+  return jnp.sum(v_b * w) / jnp.maximum(jnp.sum(w), 1.0)
+
+
+def auxk_loss(params: common.Params, acts_bn, dead_n: Bool[Array, 'n'], resid_bd, k_aux: int,
+              valid_b=None) -> jax.Array:
+  """AuxK (Gao et al. 2024): the k_aux largest dead latents reconstruct the (detached)
+  residual, decoded without b_dec, normalised by the residual's variance. It gives dead latents
+  a gradient towards what the live ones miss, which revives them."""
+  dead_acts_bn = jnp.where(dead_n, acts_bn, 0.0)
+  k_aux = min(k_aux, acts_bn.shape[-1])
+  thr_b1 = select.kth_largest(dead_acts_bn, k_aux, axis=-1)[:, None]
+  aux_codes_bn = jnp.where((dead_acts_bn >= thr_b1) & (dead_acts_bn > 0), dead_acts_bn, 0.0)
+  resid_hat_bd = aux_codes_bn @ params['w_dec']
+  err_b = jnp.sum((resid_hat_bd - resid_bd) ** 2, -1)
+  var_b = jnp.sum((resid_bd - jnp.mean(resid_bd, 0)) ** 2, -1)
+  loss = _masked_mean(err_b, valid_b) / jnp.maximum(_masked_mean(var_b, valid_b), 1e-8)
+  return jnp.where(jnp.any(dead_n), loss, 0.0)
+
+
+def sae_loss(h: SAEHyper, params: common.Params, since_fired_n, x_bd: Float[Array, 'b d'], step,
+             *, target_bd=None, valid_b=None) -> LossOut:
+  """Loss of one SAE on a batch. `target_bd` (default x_bd) is what is reconstructed; joint
+  mode passes it separately to place stop-gradients on the encoder input and the target."""
+  from csae_jax.saes import get_arch  # pylint: disable=g-import-not-at-top
+  arch = get_arch(h.arch)
+  target_bd = x_bd if target_bd is None else target_bd
+  acts_bn = common.pre_acts(params, x_bd)
+  codes_bn = arch.train_codes(acts_bn, k_at(h, step), valid_b)
+  x_hat_bd = common.decode(params, codes_bn)
+  err_b = jnp.sum((x_hat_bd - target_bd) ** 2, -1)
+  recon = _masked_mean(err_b, valid_b)
+  var = _masked_mean(jnp.sum((target_bd - jnp.mean(target_bd, 0)) ** 2, -1), valid_b)
+  aux = jnp.zeros(())
+  if h.auxk_weight > 0:
+    dead_n = since_fired_n >= h.dead_tokens
+    aux = auxk_loss(params, acts_bn, dead_n, jax.lax.stop_gradient(target_bd - x_hat_bd),
+                    h.k_aux, valid_b)
+  l0 = _masked_mean(jnp.sum(codes_bn > 0, -1).astype(jnp.float32), valid_b)
+  return LossOut(loss=recon + h.auxk_weight * aux, recon=recon, aux=aux,
+                 fvu=recon / jnp.maximum(var, 1e-12), l0=l0, codes_bn=codes_bn)

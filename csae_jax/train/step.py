@@ -1,0 +1,110 @@
+"""The jitted, sharded train step: one function for level 1, staged level 2 and joint CSAE.
+
+`make_step` closes over static settings only, so the step compiles once for a run (k annealing,
+the level-2 start and the inference-threshold start are traced scalars, not Python branches).
+The state is donated; inputs are sharded over 'data', latents over 'model'.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from csae_jax.saes import common, get_arch, objective
+from csae_jax.train import state as state_lib
+
+
+class LevelSpec(NamedTuple):
+  hyper: objective.SAEHyper
+  threshold_decay: float
+  threshold_start: int
+
+
+class JointSpec(NamedTuple):
+  alpha: float
+  level2_start: int
+  stop_gradient: str  # 'none' | 'partial' | 'bilateral'
+
+
+def _update_level(spec: LevelSpec, st: state_lib.TrainState, name: str, codes_bn, step,
+                  n_inputs, valid_b=None):
+  arch = get_arch(spec.hyper.arch)
+  if valid_b is not None:
+    codes_bn = jnp.where(valid_b[:, None], codes_bn, 0.0)
+  thr = arch.update_threshold(st.threshold[name], codes_bn, spec.threshold_decay,
+                              step >= spec.threshold_start)
+  fired_n = jnp.any(codes_bn > 0, axis=0)
+  since = jnp.where(fired_n, 0, jnp.minimum(st.since_fired[name] + n_inputs,
+                                            state_lib.SINCE_FIRED_MAX))
+  return thr, since.astype(jnp.int32)
+
+
+def make_step(levels: dict[str, LevelSpec], optimizer: optax.GradientTransformation,
+              joint: JointSpec | None = None):
+  """Returns step(state, batch_bd) -> (state, metrics). One level: an SAE trained on the batch.
+  Two levels with `joint`: CSAE, L = L1(batch) + alpha * L2(live level-1 decoder rows)."""
+  names = list(levels)
+  data_level = names[0]
+  trace_count = [0]
+
+  def loss_fn(params, st, batch_bd):
+    s1 = levels[data_level]
+    out1 = objective.sae_loss(s1.hyper, params[data_level], st.since_fired[data_level], batch_bd,
+                              st.step)
+    metrics = {f'{data_level}/{k}': v for k, v in out1._asdict().items() if k != 'codes_bn'}
+    aux = {data_level: (out1.codes_bn, None)}
+    total = out1.loss
+    if joint is not None:
+      rows_nd = params[data_level]['w_dec']
+      live_n = jnp.any(out1.codes_bn > 0, axis=0)  # dynamic masking: atoms used in this batch
+      x2 = jax.lax.stop_gradient(rows_nd) if joint.stop_gradient != 'none' else rows_nd
+      t2 = jax.lax.stop_gradient(rows_nd) if joint.stop_gradient == 'bilateral' else rows_nd
+      step2 = st.step - joint.level2_start
+      out2 = objective.sae_loss(levels['level2'].hyper, params['level2'], st.since_fired['level2'],
+                                x2, step2, target_bd=t2, valid_b=live_n)
+      on = (step2 >= 0) & jnp.any(live_n)
+      total = total + jnp.where(on, joint.alpha, 0.0) * out2.loss
+      metrics.update({f'level2/{k}': v for k, v in out2._asdict().items() if k != 'codes_bn'})
+      metrics['level2/live_rows'] = jnp.sum(live_n)
+      aux['level2'] = (out2.codes_bn, live_n)
+    metrics['loss'] = total
+    return total, (metrics, aux)
+
+  def step(st: state_lib.TrainState, batch_bd: jax.Array):
+    trace_count[0] += 1  # Python side effect: runs once per trace (the compile guard reads it)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (_, (metrics, aux)), grads = grad_fn(st.params, st, batch_bd)
+    grads = {n: {**g, 'w_dec': common.remove_parallel_grad(g['w_dec'], st.params[n]['w_dec'])}
+             for n, g in grads.items()}
+    metrics['grad_norm'] = optax.global_norm(grads)
+    updates, opt_state = optimizer.update(grads, st.opt_state, st.params)
+    params = optax.apply_updates(st.params, updates)
+    params = {n: {**p, 'w_dec': common.normalize_rows(p['w_dec'])} for n, p in params.items()}
+    thresholds, since = dict(st.threshold), dict(st.since_fired)
+    for name, (codes_bn, valid_b) in aux.items():
+      spec = levels[name]
+      lstep = st.step if name == data_level or joint is None else st.step - joint.level2_start
+      n_inputs = batch_bd.shape[0] if valid_b is None else jnp.sum(valid_b).astype(jnp.int32)
+      thr, sf = _update_level(spec, st, name, codes_bn, lstep, n_inputs, valid_b)
+      if joint is not None and name != data_level:  # level 2 frozen in time until it starts
+        started = lstep >= 0
+        thr, sf = jnp.where(started, thr, st.threshold[name]), jnp.where(started, sf, 0)
+      thresholds[name], since[name] = thr, sf
+    for name in names:
+      metrics[f'{name}/dead_frac'] = jnp.mean(
+          (since[name] >= levels[name].hyper.dead_tokens).astype(jnp.float32))
+      metrics[f'{name}/threshold'] = thresholds[name]
+    new = st.replace(step=st.step + 1, params=params, opt_state=opt_state, threshold=thresholds,
+                     since_fired=since)
+    return new, metrics
+
+  return step, trace_count
+
+
+def jit_step(step_fn, state_shardings, batch_sharding):
+  """jit with explicit shardings and the state donated (no second copy of a big dictionary)."""
+  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
+                 out_shardings=(state_shardings, None), donate_argnums=(0,))

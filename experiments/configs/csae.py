@@ -1,0 +1,132 @@
+"""The CSAE pipeline: level-1 SAE on activations, level-2 SAE on its decoder rows.
+
+Default (built-in synthetic hierarchy, the whole pipeline, a few minutes on 2 CPU cores):
+
+    python -m experiments.run
+
+Your own exported activations (a directory of `[n_i, d]` .npy / .safetensors files):
+
+    python -m experiments.run --config=experiments/configs/csae.py \
+        --config.data.path=DIR_OF_NPY_FILES --workdir=WD
+
+Other useful overrides:
+
+    --config.mode=joint                        # the paper's joint objective L1 + alpha * L2
+    --config.level1.recipe=reference           # the paper's exact level-1 recipe (no AuxK, k annealing)
+    --config.level1.n_latents=20000 --config.level1.k=6 --config.level2.n_latents=10000
+    --config.train.steps=50000 --config.train.batch_size=1024 --config.train.lr=1e-4
+    --config=experiments/configs/csae.py:small  # the CI / Colab quick variant
+
+Every field is documented below; `csae_jax.config.from_config_dict` validates them (unknown keys
+and ill-typed values fail with a message naming the key). A value of 0 for a size means "auto":
+resolved from the data (see `csae_jax.config.resolve`) and recorded in the run's manifest.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  # 'staged': level 1 trains and checkpoints, then level 2 trains on its frozen decoder rows
+  # (the design card; a meta-SAE). 'joint': one objective L1 + alpha * L2 (the paper's method).
+  c.mode = 'staged'
+  # Reuse nothing from a workdir whose checkpoints were made with another config: the run
+  # refuses unless this is True, in which case the stale stage directories are deleted.
+  c.overwrite = False
+
+  c.data = ml_collections.ConfigDict()
+  # Directory (or single file) of exported activations, `[n_tokens, d]` .npy (float32/float16)
+  # or .safetensors (one 2-D tensor each). Empty: the built-in synthetic hierarchy below.
+  c.data.path = ''
+  # Rows held out from training for evaluation; -1 = min(N // 10, 16384).
+  c.data.holdout_rows = -1
+  # Rows of held-out data used for metrics (FVU, L0, alive features).
+  c.data.eval_rows = 32768
+
+  # The synthetic hierarchical-concept source (used when data.path is empty).
+  s = c.data.synthetic = ml_collections.ConfigDict()
+  s.d = 128                # activation dimension
+  s.n_parents = 16         # K parent concepts
+  s.n_children = 4         # C children per parent (K * C child features in all)
+  s.child_parent_cos = 0.6  # a: child = normalize(a * parent + sqrt(1 - a^2) * u), u _|_ parent
+  s.p_parent = 0.2         # probability that a parent is active in a sample
+  s.parent_emission = 0.0  # probability that an active parent also emits its own direction
+  s.log_mag_mean = 0.0     # magnitudes ~ LogNormal(mean, std)
+  s.log_mag_std = 0.25
+  s.noise_std = 0.02       # isotropic Gaussian noise per coordinate
+  s.seed = 1234            # seed of the ground-truth dictionary (data seed = train.seed)
+
+  def sae(arch, n_latents, k):
+    g = ml_collections.ConfigDict()
+    g.arch = arch              # 'batch_topk' | 'topk'
+    g.n_latents = n_latents    # dictionary size; 0 = auto
+    g.k = k                    # active latents per input (BatchTopK: on average); 0 = auto
+    # 'default': AuxK dead-latent loss, no k annealing (recovers more of the ground truth);
+    # 'reference': the paper's recipe (k annealed from d over the first 10%, no dead-latent loss).
+    # The fields below set to None take the recipe's value; set them to override one piece.
+    g.recipe = 'default'
+    g.auxk_weight = config_dict.placeholder(float)     # AuxK loss weight (default 1/32)
+    g.k_aux = 0                                        # dead latents used by AuxK; 0 = d/2
+    g.dead_tokens = config_dict.placeholder(int)       # dead = not fired for this many inputs
+    g.k_anneal_frac = config_dict.placeholder(float)   # anneal k from d to k over this fraction
+    g.b_dec_init = 'geometric_median'                  # 'geometric_median' | 'mean' | 'zeros'
+    # 'random' | 'data' (rows of the 1st batch) | 'kmeans++' (k-means++ seeds of the 1st batch);
+    # None: level 1 random, level 2 kmeans++ (default recipe).
+    g.decoder_init = config_dict.placeholder(str)
+    # Inference threshold (BatchTopK): EMA(decay) of the batch's minimum positive activation,
+    # updated from this step on (the reference uses step 1000).
+    g.threshold_decay = 0.999
+    g.threshold_start = config_dict.placeholder(int)
+    return g
+
+  # Level 1: the SAE on activations.
+  c.level1 = sae('batch_topk', 0, 0)
+  # Alive = fires on at least this fraction of the held-out inputs. Near-dead atoms (a handful of
+  # firings) are not features; left in, they pile into one concept (PAPER.md's pitfall).
+  c.level1.alive_min_density = 1e-4
+  # Level 2: the SAE on level-1 decoder rows (one training example per alive level-1 feature).
+  c.level2 = sae('batch_topk', 0, 1)
+  c.level2.steps = 3000         # staged mode: optimiser steps over the rows (many epochs)
+  # Staged mode: train this many level-2 SAEs from different seeds in one vmapped step and keep
+  # the one with the lowest reconstruction loss on the rows (like k-means' n_init: a k=1 SAE on
+  # a few thousand rows has local minima, and the lowest loss is the best grouping, measured).
+  c.level2.restarts = 8
+  c.level2.batch_size = 0       # rows per step; 0 = all alive rows (full batch) up to 4096
+  c.level2.lr = 1e-3            # staged mode learning rate
+  # parent(j) = argmax_r ReLU(W_enc2 (w_j - b_dec2) + b_enc2)_r when that max exceeds this.
+  c.level2.assign_threshold = 1e-3
+
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 4000           # level-1 (and joint) optimiser steps
+  c.train.batch_size = 1024      # inputs per step (global, over all hosts and devices)
+  c.train.lr = 2e-3              # peak Adam learning rate (paper: 1e-4 at n1 = 20k)
+  c.train.seed = 0               # data order, initialisation
+  c.train.warmup_steps = 100     # linear LR warmup
+  c.train.decay_start = 0.8      # linear decay to 0 from this fraction of training
+  c.train.grad_clip = 1.0        # global gradient-norm clip
+  c.train.log_every = 25         # metrics / progress cadence (also bounds async dispatch)
+  c.train.checkpoint_every = 500  # orbax save cadence (steps); the last step is always saved
+  c.train.keep_checkpoints = 2   # keep-N per stage
+
+  c.joint = ml_collections.ConfigDict()
+  c.joint.alpha = 1.0            # weight of the level-2 loss
+  c.joint.level2_start = 2000    # step at which level 2 starts (b_dec2 = geometric median)
+  # 'none': L2's gradient reaches the level-1 decoder (the paper); 'partial': not through the
+  # level-2 encoder input; 'bilateral': neither through the input nor the target.
+  c.joint.stop_gradient = 'none'
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1               # devices along the batch axis; -1 = all that remain
+  c.mesh.model = 1               # devices along the latent axis
+
+  if arg == 'small':  # CI / Colab quick variant of the same pipeline
+    c.train.steps = 600
+    c.train.checkpoint_every = 200
+    c.train.batch_size = 512
+    c.level2.steps = 600
+    c.joint.level2_start = 300
+    c.data.eval_rows = 8192
+  elif arg not in (None, ''):
+    raise ValueError(f'unknown config variant {arg!r}; known: "small"')
+  return c

@@ -1,0 +1,65 @@
+"""Command line: `python -m experiments.run [--config=experiments/configs/csae.py] [--workdir=WD]`.
+
+Only parses flags; the library's `csae_jax.pipeline.run(config, workdir)` does the work (the
+same function a Colab or a test calls).
+"""
+
+import datetime
+import json
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', os.path.join(os.path.dirname(__file__), 'configs', 'csae.py'),
+    'Experiment config file (get_config(arg) in a .py), with :variant and --config.key=value.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None,
+                               'Where checkpoints and export/ go (default: ./runs/<timestamp>).')
+
+SUMMARY_KEYS = (
+    'level1/variance_explained', 'level1/l0', 'level1/dead_frac', 'level1/alive',
+    'level2/variance_explained', 'level2/concepts_used', 'level2/concepts_ge2',
+    'level2/largest_concept_share', 'level2/near_duplicate_sibling_frac', 'level2/collapsed',
+    'synthetic/child_mcc', 'synthetic/parent_ari', 'synthetic/parent_nmi', 'wall_s')
+
+
+def summary(metrics: dict, workdir: str) -> str:
+  lines = [f'CSAE ({metrics["mode"]}) done: {workdir}/export', '']
+  for key in SUMMARY_KEYS:
+    if key in metrics:
+      v = metrics[key]
+      lines.append(f'  {key:<40} {v:.4f}' if isinstance(v, float) else f'  {key:<40} {v}')
+  hier = os.path.join(workdir, 'export', 'hierarchy.json')
+  if os.path.exists(hier):
+    with open(hier) as f:
+      concepts = json.load(f)['concepts']
+    lines.append('')
+    lines.append('  largest concepts (level-1 members, strongest first):')
+    for c in concepts[:5]:
+      lines.append(f'    concept {c["id"]:>4}: {c["members"][:10]}'
+                   f'{" ..." if len(c["members"]) > 10 else ""}')
+  return '\n'.join(lines)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO; keep the bar readable
+    logging.set_verbosity(logging.WARNING)
+  from csae_jax import pipeline  # pylint: disable=g-import-not-at-top  (fast --help)
+  workdir = _WORKDIR.value or os.path.join(
+      'runs', datetime.datetime.now().strftime('%Y%m%d-%H%M%S'))
+  try:
+    metrics = pipeline.run(_CONFIG.value, workdir)
+  except ValueError as e:  # user mistakes: one clear line, no traceback
+    logging.error('%s', e)
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  print(summary(metrics, os.path.abspath(workdir)))
+
+
+if __name__ == '__main__':
+  app.run(main)

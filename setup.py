@@ -1,0 +1,34 @@
+"""csae_jax: Cascaded Sparse Autoencoders in JAX/Flax."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name='csae_jax',
+    version='0.1.0',
+    description='Cascaded sparse autoencoders (multi-level concepts of MLLM activations) in JAX',
+    packages=find_packages(include=['csae_jax', 'csae_jax.*', 'experiments', 'experiments.*']),
+    python_requires='>=3.11',
+    install_requires=[
+        'jax==0.10.2',
+        'flax==0.12.8',
+        'optax==0.2.8',
+        'orbax-checkpoint==0.12.8',
+        'ml_collections==1.1.0',
+        'tensorflow-datasets==4.9.10',
+        'transformers>=5,<6',
+        'absl-py',
+        'numpy',
+        # Added libraries (the README says why each is here):
+        'grain==0.2.18',
+        'safetensors>=0.4',
+        'scipy',
+        'scikit-learn',
+        'jaxtyping',
+        'tqdm',
+        'matplotlib',
+    ],
+    extras_require={
+        # torch is a test-time numerical reference only; pinned to the CPU wheel on local disk.
+        'test': ['pytest', 'pytest-xdist', 'torch==2.13.0'],
+    },
+)
