@@ -29,6 +29,6 @@ setup(
     ],
     extras_require={
         # torch is a test-time numerical reference only; pinned to the CPU wheel on local disk.
-        'test': ['pytest', 'pytest-xdist', 'torch==2.13.0'],
+        'test': ['pytest', 'pytest-xdist'],
     },
 )

@@ -79,7 +79,7 @@ def make_step(levels: dict[str, LevelSpec], optimizer: optax.GradientTransformat
     (_, (metrics, aux)), grads = grad_fn(st.params, st, batch_bd)
     grads = {n: {**g, 'w_dec': common.remove_parallel_grad(g['w_dec'], st.params[n]['w_dec'])}
              for n, g in grads.items()}
-    metrics['grad_norm'] = optax.global_norm(grads)
+    metrics['grad_norm'] = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, st.opt_state, st.params)
     params = optax.apply_updates(st.params, updates)
     params = {n: {**p, 'w_dec': common.normalize_rows(p['w_dec'])} for n, p in params.items()}

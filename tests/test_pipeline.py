@@ -1,0 +1,174 @@
+"""End to end: the small variant of the default config, resume equivalence, refusal of a
+workdir made with another config, and user arrays (plain np.save files) with bad-input errors."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from csae_jax import pipeline
+from experiments.configs import csae
+
+
+def small(**overrides):
+  c = csae.get_config('small')
+  c.train.steps = 300
+  c.train.checkpoint_every = 100
+  c.level2.steps = 300
+  c.level2.restarts = 4
+  c.joint.level2_start = 150
+  c.data.eval_rows = 4096
+  for key, value in overrides.items():
+    node = c
+    *path, last = key.split('.')
+    for p in path:
+      node = node[p]
+    node[last] = value
+  return c
+
+
+def _export(wd):
+  e = os.path.join(wd, 'export')
+  with open(os.path.join(e, 'hierarchy.json')) as f:
+    hier = json.load(f)
+  return (np.load(os.path.join(e, 'level1_decoder.npy')),
+          np.load(os.path.join(e, 'level2_decoder.npy')), hier)
+
+
+@pytest.fixture(scope='module')
+def staged_run(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp('staged'))
+  return wd, pipeline.run(small(), wd)
+
+
+def test_staged_pipeline_exports_and_recovers_children(staged_run):
+  wd, m = staged_run
+  w1, w2, hier = _export(wd)
+  assert w1.shape == (m['level1/n_latents'], m['d']) and w1.dtype == np.float32
+  assert w2.shape == (m['level2/n_latents'], m['d'])
+  np.testing.assert_allclose(np.linalg.norm(w1, axis=1), 1.0, atol=1e-5)
+  assert hier['schema_version'] == 1 and hier['concepts']
+  members = [j for c in hier['concepts'] for j in c['members']]
+  assert len(members) == len(set(members))  # each feature has at most one parent
+  assert set(members) | set(hier['unassigned']) == set(hier['alive'])
+  for c in hier['concepts']:
+    assert c['weights'] == sorted(c['weights'], reverse=True)
+  with open(os.path.join(wd, 'export', 'metrics.json')) as f:
+    on_disk = json.load(f)
+  for key in ('level1/fvu', 'level1/l0', 'level1/dead_frac', 'level2/variance_explained',
+              'synthetic/child_mcc', 'synthetic/parent_ari', 'synthetic/parent_nmi',
+              'level2/largest_concept_share', 'level2/near_duplicate_sibling_frac', 'config_hash'):
+    assert key in on_disk
+  assert m['synthetic/child_mcc'] > 0.9
+  assert m['level1/variance_explained'] > 0.9
+  assert m['synthetic/parent_ari'] > 0.5  # far above chance (0) even at this tiny budget
+
+
+def test_exported_sae_reconstructs_raw_activations(staged_run):
+  """The input-normalisation scale is folded into the exported level-1 SAE."""
+  from csae_jax import config as config_lib
+  from csae_jax import export
+  from csae_jax.evals import recon
+  from csae_jax.sources import synthetic
+  wd, m = staged_run
+  params, thr, arch, k = export.load_sae(os.path.join(wd, 'export', 'level1_sae.npz'))
+  src = synthetic.SyntheticSource(config_lib.SyntheticConfig(), batch_size=512, seed=0)
+  raw = [x / src.scale for x in src.eval_batches(4096, 1024)]
+  assert np.mean(np.sum(raw[0] ** 2, -1)) > 2  # raw data is not unit-scaled
+  ev = recon.evaluate(params, raw, thr, arch=arch, k=k)
+  assert ev['fvu'] == pytest.approx(m['level1/fvu'], abs=1e-3)
+
+
+class _Interrupt(Exception):
+  pass
+
+
+def _interrupt_at(step, desc_hits):
+  def hook(done, state):
+    if done == step and not desc_hits:
+      desc_hits.append(done)
+      raise _Interrupt(f'killed at {done}')
+  return hook
+
+
+@pytest.mark.parametrize('mode', ['staged', 'joint'])
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path, mode):
+  cfg = small(mode=mode)
+  ref = pipeline.run(cfg, str(tmp_path / 'ref'))
+  wd = str(tmp_path / 'resumed')
+  with pytest.raises(_Interrupt):  # dies in level 1 / joint, after the checkpoint at step 200
+    pipeline.run(cfg, wd, hooks=[_interrupt_at(250, [])])
+  if mode == 'staged':
+    with pytest.raises(_Interrupt):  # level 1 is done; dies in level 2 this time
+      pipeline.run(cfg, wd, hooks=[_interrupt_at(150, [])])
+  out = pipeline.run(cfg, wd)
+  for a, b in zip(_export(str(tmp_path / 'ref'))[:2], _export(wd)[:2]):
+    np.testing.assert_array_equal(a, b)
+  assert _export(str(tmp_path / 'ref'))[2] == _export(wd)[2]
+  assert out['synthetic/parent_ari'] == ref['synthetic/parent_ari']
+
+
+def test_workdir_with_other_config_is_refused_unless_overwrite(staged_run):
+  wd, _ = staged_run
+  with pytest.raises(ValueError, match=r'different config.*level1\.k.*overwrite=True'):
+    pipeline.run(small(**{'level1.k': 3}), wd)
+  assert os.path.exists(os.path.join(wd, 'level1', 'ckpt'))  # nothing was lost
+
+
+def _write_arrays(root, shapes, dtype=np.float32, seed=0):
+  os.makedirs(root, exist_ok=True)
+  rng = np.random.default_rng(seed)
+  for i, shape in enumerate(shapes):
+    np.save(os.path.join(root, f'acts_{i}.npy'), rng.standard_normal(shape).astype(dtype))
+
+
+def arrays_cfg(path, **kw):
+  return small(**{'data.path': path, 'train.steps': 60, 'level2.steps': 60,
+                  'train.batch_size': 128, 'data.eval_rows': 512, 'level1.n_latents': 64,
+                  'level1.k': 4, **kw})
+
+
+def test_pipeline_on_plain_npy_files(tmp_path):
+  data = str(tmp_path / 'acts')
+  _write_arrays(data, [(700, 24), (500, 24)])
+  np.save(os.path.join(data, 'acts_2.npy'), np.random.default_rng(1).standard_normal(
+      (300, 24)).astype(np.float16))
+  m = pipeline.run(arrays_cfg(data), str(tmp_path / 'wd'))
+  w1, w2, hier = _export(str(tmp_path / 'wd'))
+  assert w1.shape == (64, 24) and w2.shape == (32, 24)  # n2 = n1 / 2 by default
+  assert m['level2/k'] == 1 and 'synthetic/child_mcc' not in m
+  assert hier['alive']
+
+
+@pytest.mark.parametrize('make, pattern', [
+    (lambda d: None, r'does not exist'),
+    (lambda d: os.makedirs(d), r'no \.npy'),
+    (lambda d: _write_arrays(d, [(100, 8), (100, 9)]), r'acts_1\.npy.*9|9.*acts_1\.npy'),
+    (lambda d: (os.makedirs(d), np.save(os.path.join(d, 'a.npy'), np.ones(10, np.float32))),
+     r'a\.npy.*\(10,\)'),
+    (lambda d: (os.makedirs(d), np.save(os.path.join(d, 'a.npy'), np.ones((4, 5, 6), np.float32))),
+     r'a\.npy.*\(4, 5, 6\)'),
+])
+def test_bad_array_inputs_fail_clearly(tmp_path, make, pattern):
+  data = str(tmp_path / 'acts')
+  make(data)
+  with pytest.raises(ValueError, match=pattern):
+    pipeline.run(arrays_cfg(data), str(tmp_path / 'wd'))
+
+
+def test_nan_in_data_names_file_and_row(tmp_path):
+  data = str(tmp_path / 'acts')
+  x = np.random.default_rng(0).standard_normal((400, 8)).astype(np.float32)
+  x[123, 3] = np.nan
+  os.makedirs(data)
+  np.save(os.path.join(data, 'bad.npy'), x)
+  with pytest.raises(ValueError, match=r'bad\.npy.*123'):
+    pipeline.run(arrays_cfg(data), str(tmp_path / 'wd'))
+
+
+def test_k_larger_than_dictionary_is_refused(tmp_path):
+  data = str(tmp_path / 'acts')
+  _write_arrays(data, [(300, 8)])
+  with pytest.raises(ValueError, match=r'level1\.k = 100 is larger than the dictionary'):
+    pipeline.run(arrays_cfg(data, **{'level1.k': 100}), str(tmp_path / 'wd'))
