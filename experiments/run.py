@@ -12,10 +12,6 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config', os.path.join(os.path.dirname(__file__), 'configs', 'csae.py'),
-    'Experiment config file (get_config(arg) in a .py), with :variant and --config.key=value.',
-    lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Where checkpoints and export/ go (default: ./runs/<timestamp>).')
 
@@ -44,6 +40,55 @@ def summary(metrics: dict, workdir: str) -> str:
   return '\n'.join(lines)
 
 
+def _unknown_key_message(argv: list[str]) -> str | None:
+  """Names the first --config.KEY override that the config does not have, with the known keys."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path, variant = os.path.join(os.path.dirname(__file__), 'configs', 'csae.py'), None
+  for a in argv:
+    if a.startswith('--config='):
+      path, _, variant = a.split('=', 1)[1].partition(':')
+  spec = importlib.util.spec_from_file_location('_cfg', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cfg = module.get_config(variant or None)
+  for a in argv:
+    if not a.startswith('--config.'):
+      continue
+    key = a[len('--config.'):].split('=', 1)[0]
+    node, walked = cfg, []
+    for part in key.split('.'):
+      if not hasattr(node, 'keys') or part not in node:
+        where = '.'.join(walked) or 'the root'
+        known = sorted(node.keys()) if hasattr(node, 'keys') else []
+        return (f'unknown config key {key!r} (no {part!r} under {where}); known keys there: '
+                f'{known}. See {path} for every documented field.')
+      node, walked = node[part], walked + [part]
+  return None
+
+
+def _fail_on_unknown_key(e: Exception) -> None:
+  """config_flags reports an unknown --config.KEY as a bare "'foo'"; say which key and why."""
+  message = _unknown_key_message(sys.argv) or f'bad --config override: {e}'
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    _fail_on_unknown_key(e)
+
+
+try:  # config_flags applies the default file's overrides here, at definition time
+  _CONFIG = config_flags.DEFINE_config_file(
+      'config', os.path.join(os.path.dirname(__file__), 'configs', 'csae.py'),
+      'Experiment config file (get_config(arg) in a .py), with :variant and --config.key=value.',
+      lock_config=True)
+except (AttributeError, KeyError) as err:
+  _fail_on_unknown_key(err)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -55,11 +100,10 @@ def main(argv):
   try:
     metrics = pipeline.run(_CONFIG.value, workdir)
   except ValueError as e:  # user mistakes: one clear line, no traceback
-    logging.error('%s', e)
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   print(summary(metrics, os.path.abspath(workdir)))
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -15,9 +15,15 @@ def _relu_normal(shape, seed=0):
 
 
 def _kth_ref(x, k, axis=None):
+  """k-th largest by a full sort (what lax.top_k's k-th value is; checked below)."""
+  x = np.asarray(x)
   if axis is None:
-    return np.asarray(jax.lax.top_k(jnp.asarray(x).reshape(-1), k)[0][k - 1])
-  return np.asarray(jax.lax.top_k(jnp.asarray(x), k)[0][..., k - 1])
+    return np.sort(x.reshape(-1))[::-1][k - 1]
+  return np.sort(x, axis=-1)[..., ::-1][..., k - 1]
+
+
+# One compile per shape for all k (k is traced); the eager int-k path is exercised as well.
+_kth = jax.jit(select.kth_largest, static_argnames='axis')
 
 
 # ---- select.kth_largest ----------------------------------------------------------------------
@@ -26,16 +32,17 @@ def _kth_ref(x, k, axis=None):
 def test_kth_largest_whole_array_matches_top_k(k):
   x = _relu_normal((16, 40), seed=k)
   assert (x > 0).sum() >= k
-  got = np.asarray(select.kth_largest(jnp.asarray(x), k))
+  got = np.asarray(_kth(jnp.asarray(x), k))
   assert got.shape == ()
   assert got == _kth_ref(x, k)
+  assert got == np.asarray(jax.lax.top_k(jnp.asarray(x).reshape(-1), k)[0][k - 1])
 
 
 @pytest.mark.parametrize('k', [1, 3, 40])
 def test_kth_largest_strictly_positive_full_size(k):
   # Strictly positive data: the full-size k-th largest is the minimum, not 0.
   x = (np.abs(np.random.default_rng(1).standard_normal((8, 5))) + 0.1).astype(np.float32)
-  got = np.asarray(select.kth_largest(jnp.asarray(x), k))
+  got = np.asarray(_kth(jnp.asarray(x), k))
   assert got == _kth_ref(x, k)
   if k == 40:
     assert got == x.min() and got > 0
@@ -47,9 +54,10 @@ def test_kth_largest_per_row_matches_top_k(k):
   # Strictly positive rows for the full-size case, so the answer is a row minimum.
   if k == 40:
     x = x + 0.5
-  got = np.asarray(select.kth_largest(jnp.asarray(x), k, axis=-1))
+  got = np.asarray(_kth(jnp.asarray(x), k, axis=-1))
   assert got.shape == (32,)
   np.testing.assert_array_equal(got, _kth_ref(x, k, axis=-1))
+  np.testing.assert_array_equal(got, np.asarray(jax.lax.top_k(jnp.asarray(x), k)[0][:, k - 1]))
 
 
 def test_kth_largest_traced_k_under_jit():
@@ -86,7 +94,7 @@ def test_kth_largest_zero_when_too_few_positive():
 def test_kth_largest_handles_tiny_and_huge_values():
   x = jnp.asarray([1e-30, 3e30, 7.0, 2e-38, 0.0], jnp.float32)  # all normal floats
   for k in range(1, 5):
-    assert float(select.kth_largest(x, k)) == float(_kth_ref(np.asarray(x), k))
+    assert float(select.kth_largest(x, k)) == float(_kth_ref(np.asarray(x), k))  # eager, int k
 
 
 def test_kth_largest_bad_axis():
@@ -231,21 +239,24 @@ def test_geometric_median_weights_and_symmetry():
                              atol=1e-3)
 
 
+_init = jax.jit(common.init_params, static_argnums=(1, 2))
+
+
 def test_init_params():
-  p = common.init_params(jax.random.key(0), 16, 40)
+  p = _init(jax.random.key(0), 16, 40)
   assert p['w_enc'].shape == (16, 40) and p['w_dec'].shape == (40, 16)
   assert p['b_enc'].shape == (40,) and p['b_dec'].shape == (16,)
   np.testing.assert_array_equal(np.asarray(p['w_enc']), np.asarray(p['w_dec']).T)
   np.testing.assert_allclose(np.linalg.norm(np.asarray(p['w_dec']), axis=1), 1.0, atol=1e-5)
   assert not np.any(np.asarray(p['b_enc'])) and not np.any(np.asarray(p['b_dec']))
   # Different keys give different dictionaries.
-  q = common.init_params(jax.random.key(1), 16, 40)
+  q = _init(jax.random.key(1), 16, 40)
   assert not np.allclose(np.asarray(p['w_dec']), np.asarray(q['w_dec']))
 
 
 def test_init_params_from_rows():
   rows = np.random.default_rng(3).standard_normal((5, 16)).astype(np.float32) * 3
-  p = common.init_params(jax.random.key(0), 16, 12, rows_nd=jnp.asarray(rows))
+  p = _init(jax.random.key(0), 16, 12, rows_nd=jnp.asarray(rows))
   w = np.asarray(p['w_dec'])
   np.testing.assert_allclose(np.linalg.norm(w, axis=1), 1.0, atol=1e-5)
   unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
@@ -316,7 +327,7 @@ def test_wrong_dictionary_has_error():
 def test_auxk_zero_without_dead_and_positive_with_dead():
   rng = np.random.default_rng(5)
   d, n, b = 16, 48, 32
-  params = common.init_params(jax.random.key(3), d, n)
+  params = _init(jax.random.key(3), d, n)
   x = jnp.asarray(rng.standard_normal((b, d)), jnp.float32)
   h = _hyper(k=2, d=d, dead=10, k_aux=8)
   alive = jnp.zeros(n, jnp.int32)
@@ -346,8 +357,8 @@ def test_k_at_anneals_linearly():
   assert int(objective.k_at(h, 25)) == 49
   assert int(objective.k_at(h, 100)) == 4
   assert int(objective.k_at(h, 1000)) == 4
-  ks = [int(objective.k_at(h, s)) for s in range(0, 101)]
-  assert all(a >= b for a, b in zip(ks, ks[1:]))  # monotone
+  ks = np.asarray(objective.k_at(h, jnp.arange(101)))
+  assert np.all(np.diff(ks) <= 0) and ks[0] == 64 and ks[-1] == 4  # monotone
   # Traced step.
   f = jax.jit(lambda s: objective.k_at(h, s))
   assert int(f(jnp.int32(50))) == 34 and int(f(jnp.int32(0))) == 64
@@ -358,7 +369,7 @@ def test_k_at_anneals_linearly():
 def test_sae_loss_anneals_sparsity_with_step():
   rng = np.random.default_rng(6)
   d, n, b = 16, 64, 32
-  params = common.init_params(jax.random.key(4), d, n)
+  params = _init(jax.random.key(4), d, n)
   x = jnp.asarray(rng.standard_normal((b, d)), jnp.float32)
   h = _hyper(arch='topk', k=2, d=d, anneal=10, auxk=0.0)
   since = jnp.zeros(n, jnp.int32)
