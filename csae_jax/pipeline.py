@@ -25,6 +25,7 @@ from csae_jax.cascade import hierarchy as hierarchy_lib
 from csae_jax.cascade import rows as rows_lib
 from csae_jax.evals import recon, structure
 from csae_jax.evals import synthetic as synthetic_eval
+from csae_jax.reports import plots
 from csae_jax.saes import common, objective
 from csae_jax.sources import arrays, synthetic
 from csae_jax.train import loop, optim
@@ -242,8 +243,9 @@ def run(cd_or_cfg, workdir: str, *, hooks=()) -> dict:
                level1_arch=cfg.level1.arch, level1_k=cfg.level1.k, scale=source.scale, level2=p2,
                level2_threshold=thr2, level2_arch=cfg.level2.arch, level2_k=cfg.level2.k,
                hierarchy=hier, metrics=metrics)
-  ckpt_lib.write_json_atomic(os.path.join(workdir, 'histories.json'), histories) \
-      if jax.process_index() == 0 else None
+  if jax.process_index() == 0:
+    ckpt_lib.write_json_atomic(os.path.join(workdir, 'histories.json'), histories)
+    plots.training_curves(histories, os.path.join(workdir, 'export', 'curves.png'))
   for st in stages:
     st.close()
   return metrics
