@@ -57,7 +57,7 @@ class SAEConfig:
   k_anneal_frac: float | None = None
   b_dec_init: str = 'geometric_median'
   decoder_init: str | None = None
-  threshold_decay: float = 0.999
+  threshold_decay: float | None = None
   threshold_start: int | None = None
   # level-1 only: alive = fires on at least this fraction of held-out inputs
   alive_min_density: float = 1e-4
@@ -85,7 +85,7 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class JointConfig:
-  alpha: float = 1.0
+  alpha: float = 0.1
   level2_start: int = 2000
   stop_gradient: str = 'none'
 
@@ -181,7 +181,7 @@ def _validate_sae(key: str, sae: SAEConfig) -> None:
   _positive(f'{key}.lr', sae.lr)
   if sae.k_anneal_frac is not None and not 0 <= sae.k_anneal_frac < 1:
     raise ValueError(f'config key {key}.k_anneal_frac must be in [0, 1), got {sae.k_anneal_frac}')
-  if not 0 < sae.threshold_decay < 1:
+  if sae.threshold_decay is not None and not 0 < sae.threshold_decay < 1:
     raise ValueError(f'config key {key}.threshold_decay must be in (0, 1)')
   if sae.n_latents and sae.k and sae.k > sae.n_latents:
     raise ValueError(
@@ -242,7 +242,10 @@ def resolve_sae(sae: SAEConfig, *, d: int, n_latents: int, k: int, steps: int,
   fill = dict(_RECIPE_DEFAULTS[sae.recipe])
   # Dead after ~ 1/10 of training's inputs without firing, at least 4 batches' worth.
   fill['dead_tokens'] = max(4 * batch_size, steps * batch_size // 10)
-  fill['threshold_start'] = min(fill['threshold_start'] or steps // 10, steps // 2)
+  fill['threshold_start'] = start = min(fill['threshold_start'] or steps // 10, steps // 2)
+  if sae.threshold_start is not None:
+    start = sae.threshold_start
+  fill['threshold_decay'] = min(0.999, 1 - 5 / max(steps - start, 10))
   # Level 2 (inputs: decoder rows) starts from k-means++ seeds: measured, it avoids the merged
   # groups a k=1 SAE gets stuck in; level 1 starts from random directions.
   fill['decoder_init'] = fill['decoder_init'] or ('kmeans++' if key == 'level2' else 'random')
@@ -271,7 +274,7 @@ def resolve(cfg: Config, *, d: int, synthetic_atoms: int | None = None) -> Confi
   level1 = resolve_sae(cfg.level1, d=d, n_latents=n1_auto, k=k1_auto, steps=t.steps,
                        batch_size=t.batch_size, key='level1')
   n2_auto = n2_auto if synthetic_atoms is not None else level1.n_latents // 2
-  level2_steps = t.steps if cfg.mode == 'joint' else cfg.level2.steps
+  level2_steps = t.steps - cfg.joint.level2_start if cfg.mode == 'joint' else cfg.level2.steps
   level2 = resolve_sae(cfg.level2, d=d, n_latents=n2_auto, k=1, steps=level2_steps,
                        batch_size=cfg.level2.batch_size or level1.n_latents, key='level2')
   if level2.n_latents > level1.n_latents:
