@@ -46,3 +46,33 @@ def test_cli_errors_are_one_clear_line(tmp_path):
   r = _run(f'--config.data.path={tmp_path / "missing"}', f'--workdir={tmp_path / "wd"}')
   assert r.returncode == 2 and 'does not exist' in r.stderr
   assert 'Traceback' not in r.stderr
+
+
+def test_hard_kill_then_same_command_resumes_to_the_same_result(tmp_path):
+  """SIGKILL mid-training (possibly mid-save), rerun the same command: same exports."""
+  import signal
+  import time
+  args = ['--config=experiments/configs/csae.py:small', '--config.train.steps=400',
+          '--config.train.checkpoint_every=50', '--config.level2.steps=100',
+          '--config.level2.restarts=2', '--config.data.eval_rows=2048']
+  ref = _run(*args, f'--workdir={tmp_path / "ref"}')
+  assert ref.returncode == 0, ref.stderr[-2000:]
+  wd = tmp_path / 'wd'
+  env = {**os.environ, 'PYTHONPATH': ROOT}
+  proc = subprocess.Popen([sys.executable, '-m', 'experiments.run', *args, f'--workdir={wd}'],
+                          cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (wd / 'level1' / 'ckpt' / '150').exists():
+    assert proc.poll() is None, 'run ended before it could be killed'
+    assert time.time() < deadline
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  assert proc.wait() == -signal.SIGKILL
+  assert not (wd / 'export').exists()  # it really died mid-run
+  again = _run(*args, f'--workdir={wd}')
+  assert again.returncode == 0, again.stderr[-2000:]
+  for name in ('level1_decoder.npy', 'level2_decoder.npy'):
+    np.testing.assert_array_equal(np.load(tmp_path / 'ref' / 'export' / name),
+                                  np.load(wd / 'export' / name))
+  assert (json.loads((tmp_path / 'ref' / 'export' / 'hierarchy.json').read_text())
+          == json.loads((wd / 'export' / 'hierarchy.json').read_text()))
