@@ -208,8 +208,10 @@ def run(cd_or_cfg, workdir: str, *, hooks=()) -> dict:
       return st.replace(params=params)
 
     res = loop.fit(stage=stage, mesh=mesh, levels={'level1': spec1, 'level2': spec2},
+                   # level 2 is a placeholder until level2_start re-initialises it from rows
                    init_params=lambda: {'level1': init_sae(key1, cfg.level1, x0_bd),
-                                        'level2': init_sae(key2, cfg.level2, x0_bd[:4])},
+                                        'level2': common.init_params(key2, d,
+                                                                     cfg.level2.n_latents)},
                    optimizer=_optimizer(t.lr, t.steps, t), source=source, steps=t.steps,
                    log_every=t.log_every, checkpoint_every=t.checkpoint_every, joint=jspec,
                    before_step=start_level2, hooks=hooks, desc='joint CSAE')
