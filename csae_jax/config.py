@@ -15,7 +15,7 @@ import types
 import typing
 from typing import Any
 
-SAE_ARCHS = ('batch_topk', 'topk')
+SAE_ARCHS = ('batch_topk', 'topk', 'relu_l1', 'jumprelu', 'matryoshka')
 RECIPES = ('default', 'reference')
 MODES = ('staged', 'joint')
 STOP_GRADIENTS = ('none', 'partial', 'bilateral')
@@ -59,6 +59,13 @@ class SAEConfig:
   decoder_init: str | None = None
   threshold_decay: float | None = None
   threshold_start: int | None = None
+  l1_coeff: float = 0.1                 # relu_l1: weight of sum_i f_i ||d_i||
+  sparsity_warmup_frac: float = 0.05    # relu_l1 / jumprelu: coefficient warmup
+  jumprelu_bandwidth: float = 0.05      # jumprelu: STE rectangle width
+  jumprelu_init_threshold: float = 0.1  # jumprelu: initial threshold (unit-norm inputs)
+  l0_coeff: float = 1.0                 # jumprelu: weight of the L0 (or target-L0) loss
+  target_l0: float = -1.0               # jumprelu: -1 = k, 0 = plain L0 penalty
+  matryoshka_groups: str = ''           # matryoshka: comma-separated group sizes; '' = 2 halves
   # level-1 only: alive = fires on at least this fraction of held-out inputs
   alive_min_density: float = 1e-4
   # level-2 only (ignored at level 1)
@@ -250,8 +257,23 @@ def resolve_sae(sae: SAEConfig, *, d: int, n_latents: int, k: int, steps: int,
   # groups a k=1 SAE gets stuck in; level 1 starts from random directions.
   fill['decoder_init'] = fill['decoder_init'] or ('kmeans++' if key == 'level2' else 'random')
   changes = {f: v for f, v in fill.items() if getattr(sae, f) is None}
+  if sae.arch == 'matryoshka':
+    groups = matryoshka_groups(sae.matryoshka_groups, n)
+    if sum(groups) != n or min(groups) < 1:
+      raise ValueError(f'{key}.matryoshka_groups = {sae.matryoshka_groups!r} must be positive '
+                       f'sizes summing to {key}.n_latents = {n}, e.g. "{n // 2},{n - n // 2}"')
   return dataclasses.replace(sae, n_latents=n, k=kk, k_aux=sae.k_aux or max(1, min(n, d // 2)),
                              **changes)
+
+
+def matryoshka_groups(spec: str, n: int) -> tuple[int, ...]:
+  """'a,b,c' -> (a, b, c); '' -> two halves (the CSAE paper's [n2, n1 - n2] with n2 = n1 / 2)."""
+  if not spec.strip():
+    return (n // 2, n - n // 2)
+  try:
+    return tuple(int(v) for v in spec.split(','))
+  except ValueError as e:
+    raise ValueError(f'matryoshka_groups must be comma-separated integers, got {spec!r}') from e
 
 
 def resolve(cfg: Config, *, d: int, synthetic_atoms: int | None = None) -> Config:

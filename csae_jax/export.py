@@ -26,9 +26,19 @@ SCHEMA_VERSION = 1
 
 
 def fold_scale(params: dict, threshold: float, scale: float) -> tuple[dict, float]:
+  """Input-space parameters with unit decoder rows.
+
+  Rows with norm r (relu_l1 leaves them free) are normalised and r moved into the code:
+  f_i d_i = (r_i f_i)(d_i / r_i), i.e. encoder column, bias and threshold scale by r_i.
+  """
   p = {k: np.asarray(jax.device_get(v), np.float32) for k, v in params.items()}
+  norms_n = np.maximum(np.linalg.norm(p['w_dec'], axis=1), 1e-12)
+  p['w_dec'] = p['w_dec'] / norms_n[:, None]
+  p['w_enc'] = p['w_enc'] * norms_n[None, :]
+  p['b_enc'] = p['b_enc'] * norms_n / scale
   p['b_dec'] = p['b_dec'] / scale
-  p['b_enc'] = p['b_enc'] / scale
+  if 'log_threshold' in p:  # jumprelu: theta' = theta * r / s
+    p['log_threshold'] = p['log_threshold'] + np.log(norms_n) - np.log(scale)
   return p, (float(threshold) / scale if threshold >= 0 else float(threshold))
 
 
@@ -46,7 +56,7 @@ def _save_sae(path: str, params: dict, threshold: float, arch: str, k: int) -> N
 
 def load_sae(path: str) -> tuple[dict, float, str, int]:
   with np.load(path) as z:
-    params = {k: z[k] for k in ('w_enc', 'b_enc', 'w_dec', 'b_dec')}
+    params = {k: z[k] for k in ('w_enc', 'b_enc', 'w_dec', 'b_dec', 'log_threshold') if k in z}
     return params, float(z['threshold']), str(z['arch']), int(z['k'])
 
 

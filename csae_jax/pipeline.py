@@ -26,7 +26,7 @@ from csae_jax.cascade import rows as rows_lib
 from csae_jax.evals import recon, structure
 from csae_jax.evals import synthetic as synthetic_eval
 from csae_jax.reports import plots
-from csae_jax.saes import common, objective
+from csae_jax.saes import common, get_arch, objective
 from csae_jax.sources import arrays, synthetic
 from csae_jax.train import loop, optim
 from csae_jax.train import step as step_lib
@@ -53,7 +53,12 @@ def first_global_batch(source) -> np.ndarray:
 def level_spec(sae: config_lib.SAEConfig, d: int, steps: int) -> step_lib.LevelSpec:
   hyper = objective.SAEHyper(
       arch=sae.arch, k=sae.k, k_aux=sae.k_aux, auxk_weight=sae.auxk_weight,
-      dead_tokens=sae.dead_tokens, k_anneal_steps=int(sae.k_anneal_frac * steps), d=min(d, sae.n_latents))
+      dead_tokens=sae.dead_tokens, k_anneal_steps=int(sae.k_anneal_frac * steps),
+      d=min(d, sae.n_latents), l1_coeff=sae.l1_coeff,
+      sparsity_warmup_steps=int(sae.sparsity_warmup_frac * steps),
+      bandwidth=sae.jumprelu_bandwidth, l0_coeff=sae.l0_coeff,
+      target_l0=float(sae.k) if sae.target_l0 < 0 else sae.target_l0,
+      groups=config_lib.matryoshka_groups(sae.matryoshka_groups, sae.n_latents))
   return step_lib.LevelSpec(hyper, sae.threshold_decay, sae.threshold_start)
 
 
@@ -79,6 +84,7 @@ def init_sae(key: jax.Array, sae: config_lib.SAEConfig, x_bd: np.ndarray) -> com
     rows = common.normalize_rows(jnp.asarray(rows, jnp.float32))
   params = common.init_params(key, x.shape[1], sae.n_latents, rows_nd=rows)
   params['b_dec'] = b_dec
+  params.update(get_arch(sae.arch).extra_params(sae.n_latents, sae))
   return params
 
 
@@ -129,7 +135,8 @@ def _select_restart(cfg, st, rows_rd) -> tuple[dict, float, dict]:
 
 
 def _unit_rows(params) -> np.ndarray:
-  return np.asarray(jax.device_get(params['w_dec']), np.float32)
+  w_nd = np.asarray(jax.device_get(params['w_dec']), np.float32)
+  return w_nd / np.maximum(np.linalg.norm(w_nd, axis=1, keepdims=True), 1e-12)
 
 
 def _level2_metrics(cfg, params2, threshold2, rows_rd) -> dict:
@@ -210,8 +217,10 @@ def run(cd_or_cfg, workdir: str, *, hooks=()) -> dict:
     res = loop.fit(stage=stage, mesh=mesh, levels={'level1': spec1, 'level2': spec2},
                    # level 2 is a placeholder until level2_start re-initialises it from rows
                    init_params=lambda: {'level1': init_sae(key1, cfg.level1, x0_bd),
-                                        'level2': common.init_params(key2, d,
-                                                                     cfg.level2.n_latents)},
+                                        'level2': {**common.init_params(
+                                            key2, d, cfg.level2.n_latents), **get_arch(
+                                                cfg.level2.arch).extra_params(
+                                                    cfg.level2.n_latents, cfg.level2)}},
                    optimizer=_optimizer(t.lr, t.steps, t), source=source, steps=t.steps,
                    log_every=t.log_every, checkpoint_every=t.checkpoint_every, joint=jspec,
                    before_step=start_level2, hooks=hooks, desc='joint CSAE')

@@ -15,7 +15,7 @@ from csae_jax.saes import common, get_arch
 @functools.partial(jax.jit, static_argnames=('arch', 'k'))
 def encode(params: common.Params, x_bd, threshold, *, arch: str, k: int):
   """Inference codes: TopK keeps k per input; BatchTopK uses its learned threshold."""
-  return get_arch(arch).infer_codes(common.pre_acts(params, x_bd), k, threshold)
+  return get_arch(arch).infer_codes(params, common.pre_acts(params, x_bd), k, threshold)
 
 
 @functools.partial(jax.jit, static_argnames=('arch', 'k'))

@@ -1,14 +1,13 @@
-"""SAE architectures: one module each, same interface (train_codes / infer_codes /
-update_threshold); shared params, encoder and decoder in `common`."""
+"""SAE architectures: one module each, filling the same `base.Arch` interface; shared params,
+encoder and decoder in `common`, the training objective in `objective`."""
 
-from types import ModuleType
+from csae_jax.saes import base, batch_topk, jumprelu, matryoshka, relu_l1, topk
 
-from csae_jax.saes import batch_topk, topk
+ARCHS: dict[str, base.Arch] = {m.ARCH.name: m.ARCH
+                               for m in (batch_topk, topk, relu_l1, jumprelu, matryoshka)}
 
-ARCHS: dict[str, ModuleType] = {m.name: m for m in (batch_topk, topk)}
 
-
-def get_arch(name: str) -> ModuleType:
+def get_arch(name: str) -> base.Arch:
   if name not in ARCHS:
     raise ValueError(f'unknown SAE arch {name!r}; choose one of {sorted(ARCHS)}')
   return ARCHS[name]

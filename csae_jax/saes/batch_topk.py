@@ -11,9 +11,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from csae_jax.saes import select
-
-name = 'batch_topk'
+from csae_jax.saes import base, select
 
 
 def batch_threshold(acts_bn: Float[Array, 'b n'], k, valid_b=None) -> jax.Array:
@@ -37,8 +35,7 @@ def train_codes(acts_bn: Float[Array, 'b n'], k, valid_b=None) -> Float[Array, '
   return jnp.where(keep, acts_bn, 0.0)
 
 
-def infer_codes(acts_bn: Float[Array, 'b n'], k: int, threshold) -> Float[Array, 'b n']:
-  del k
+def infer_codes(acts_bn: Float[Array, 'b n'], threshold) -> Float[Array, 'b n']:
   return jnp.where(acts_bn > threshold, acts_bn, 0.0)
 
 
@@ -48,3 +45,10 @@ def update_threshold(threshold, codes_bn, decay, enabled):
   ok = enabled & jnp.isfinite(min_pos)
   new = jnp.where(threshold < 0, min_pos, decay * threshold + (1 - decay) * min_pos)
   return jnp.where(ok, new, threshold)
+
+
+ARCH = base.Arch(
+    name='batch_topk', unit_decoder=True,
+    train_codes=lambda p, acts, k, valid, h: train_codes(acts, k, valid),
+    infer_codes=lambda p, acts, k, thr: infer_codes(acts, thr),
+    update_threshold=update_threshold)

@@ -6,6 +6,7 @@ see ordinary arrays:
     b_enc [n]      encoder bias,       ('latent',)
     w_dec [n, d]   decoder, unit rows, ('latent', 'embed')
     b_dec [d]      decoder bias,       ('embed',)
+    log_threshold [n]  (jumprelu only) per-latent log threshold, ('latent',)
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from jaxtyping import Array, Float
 Params = dict[str, jax.Array]
 
 LOGICAL_AXES = {'w_enc': ('embed', 'latent'), 'b_enc': ('latent',),
-                'w_dec': ('latent', 'embed'), 'b_dec': ('embed',)}
+                'w_dec': ('latent', 'embed'), 'b_dec': ('embed',), 'log_threshold': ('latent',)}
+
 
 
 def normalize_rows(w_nd: Float[Array, 'n d']) -> Float[Array, 'n d']:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
-from csae_jax.saes import common, select
+from csae_jax.saes import base, common, select
 
 
 class SAEHyper(NamedTuple):
@@ -25,11 +25,18 @@ class SAEHyper(NamedTuple):
   dead_tokens: int
   k_anneal_steps: int
   d: int
+  l1_coeff: float = 0.0               # relu_l1
+  sparsity_warmup_steps: int = 0      # relu_l1 / jumprelu coefficient warmup
+  bandwidth: float = 1e-3             # jumprelu STE kernel width
+  l0_coeff: float = 0.0               # jumprelu
+  target_l0: float = 0.0              # jumprelu (0: plain L0 penalty)
+  groups: tuple[int, ...] = ()        # matryoshka group sizes (sum = n)
 
 
 class LossOut(NamedTuple):
   loss: jax.Array          # scalar, what is minimised
-  recon: jax.Array         # mean squared error per input (sum over d)
+  recon: jax.Array         # mean squared error per input (sum over d), full dictionary
+  sparsity: jax.Array      # the architecture's sparsity penalty (0 for the k-sparse ones)
   aux: jax.Array           # AuxK loss (0 when no latent is dead)
   fvu: jax.Array           # recon / total variance of the batch
   l0: jax.Array            # mean active latents per input
@@ -44,13 +51,6 @@ def k_at(h: SAEHyper, step) :
   return jnp.round(h.d + (h.k - h.d) * frac).astype(jnp.int32)
 
 
-def _masked_mean(v_b, valid_b):
-  if valid_b is None:
-    return jnp.mean(v_b)
-  w = valid_b.astype(v_b.dtype)
-  return jnp.sum(v_b * w) / jnp.maximum(jnp.sum(w), 1.0)
-
-
 def auxk_loss(params: common.Params, acts_bn, dead_n: Bool[Array, 'n'], resid_bd, k_aux: int,
               valid_b=None) -> jax.Array:
   """AuxK (Gao et al. 2024): the k_aux largest dead latents reconstruct the (detached)
@@ -63,7 +63,7 @@ def auxk_loss(params: common.Params, acts_bn, dead_n: Bool[Array, 'n'], resid_bd
   resid_hat_bd = aux_codes_bn @ params['w_dec']
   err_b = jnp.sum((resid_hat_bd - resid_bd) ** 2, -1)
   var_b = jnp.sum((resid_bd - jnp.mean(resid_bd, 0)) ** 2, -1)
-  loss = _masked_mean(err_b, valid_b) / jnp.maximum(_masked_mean(var_b, valid_b), 1e-8)
+  loss = base.masked_mean(err_b, valid_b) / jnp.maximum(base.masked_mean(var_b, valid_b), 1e-8)
   return jnp.where(jnp.any(dead_n), loss, 0.0)
 
 
@@ -75,16 +75,19 @@ def sae_loss(h: SAEHyper, params: common.Params, since_fired_n, x_bd: Float[Arra
   arch = get_arch(h.arch)
   target_bd = x_bd if target_bd is None else target_bd
   acts_bn = common.pre_acts(params, x_bd)
-  codes_bn = arch.train_codes(acts_bn, k_at(h, step), valid_b)
+  codes_bn = arch.train_codes(params, acts_bn, k_at(h, step), valid_b, h)
   x_hat_bd = common.decode(params, codes_bn)
-  err_b = jnp.sum((x_hat_bd - target_bd) ** 2, -1)
-  recon = _masked_mean(err_b, valid_b)
-  var = _masked_mean(jnp.sum((target_bd - jnp.mean(target_bd, 0)) ** 2, -1), valid_b)
+  recon = base.masked_mean(jnp.sum((x_hat_bd - target_bd) ** 2, -1), valid_b)
+  train_recon = recon if arch.recon_loss is None else arch.recon_loss(
+      params, codes_bn, target_bd, valid_b, h)
+  sparsity = arch.sparsity_loss(params, acts_bn, codes_bn, h, step, valid_b)
+  var = base.masked_mean(jnp.sum((target_bd - jnp.mean(target_bd, 0)) ** 2, -1), valid_b)
   aux = jnp.zeros(())
   if h.auxk_weight > 0:
     dead_n = since_fired_n >= h.dead_tokens
     aux = auxk_loss(params, acts_bn, dead_n, jax.lax.stop_gradient(target_bd - x_hat_bd),
                     h.k_aux, valid_b)
-  l0 = _masked_mean(jnp.sum(codes_bn > 0, -1).astype(jnp.float32), valid_b)
-  return LossOut(loss=recon + h.auxk_weight * aux, recon=recon, aux=aux,
-                 fvu=recon / jnp.maximum(var, 1e-12), l0=l0, codes_bn=codes_bn)
+  l0 = base.masked_mean(jnp.sum(codes_bn > 0, -1).astype(jnp.float32), valid_b)
+  return LossOut(loss=train_recon + sparsity + h.auxk_weight * aux, recon=recon,
+                 sparsity=sparsity, aux=aux, fvu=recon / jnp.maximum(var, 1e-12), l0=l0,
+                 codes_bn=codes_bn)

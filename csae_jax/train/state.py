@@ -30,8 +30,9 @@ class TrainState:
   since_fired: dict[str, jax.Array]    # level name -> [n] int32 inputs since last firing
 
 
-def param_shardings(mesh: Mesh, names: list[str]) -> dict[str, dict]:
-  return {name: sharding.tree_shardings(mesh, dict(common.LOGICAL_AXES)) for name in names}
+def param_shardings(mesh: Mesh, params: dict[str, common.Params]) -> dict[str, dict]:
+  return {name: sharding.tree_shardings(mesh, {k: common.LOGICAL_AXES[k] for k in p})
+          for name, p in params.items()}
 
 
 def create(mesh: Mesh, params: dict[str, common.Params], optimizer: optax.GradientTransformation
@@ -41,7 +42,7 @@ def create(mesh: Mesh, params: dict[str, common.Params], optimizer: optax.Gradie
   The optimiser state is created eagerly from already-sharded params under the mesh, so the
   Adam moments inherit the latent sharding (a jitted `opt.init` would return them replicated).
   """
-  shardings = param_shardings(mesh, list(params))
+  shardings = param_shardings(mesh, params)
   params = jax.device_put(params, shardings)
   with jax.set_mesh(mesh):
     opt_state = optimizer.init(params)

@@ -49,6 +49,8 @@ def make_step(levels: dict[str, LevelSpec], optimizer: optax.GradientTransformat
   names = list(levels)
   data_level = names[0]
   trace_count = [0]
+  # Archs with unit decoder rows get them renormalised (and the parallel gradient removed).
+  unit_decoder = {n: get_arch(s.hyper.arch).unit_decoder for n, s in levels.items()}
 
   def loss_fn(params, st, batch_bd):
     s1 = levels[data_level]
@@ -58,7 +60,8 @@ def make_step(levels: dict[str, LevelSpec], optimizer: optax.GradientTransformat
     aux = {data_level: (out1.codes_bn, None)}
     total = out1.loss
     if joint is not None:
-      rows_nd = params[data_level]['w_dec']
+      # unit rows: a no-op for unit-decoder archs, the row direction for relu_l1
+      rows_nd = common.normalize_rows(params[data_level]['w_dec'])
       live_n = jnp.any(out1.codes_bn > 0, axis=0)  # dynamic masking: atoms used in this batch
       x2 = jax.lax.stop_gradient(rows_nd) if joint.stop_gradient != 'none' else rows_nd
       t2 = jax.lax.stop_gradient(rows_nd) if joint.stop_gradient == 'bilateral' else rows_nd
@@ -77,12 +80,13 @@ def make_step(levels: dict[str, LevelSpec], optimizer: optax.GradientTransformat
     trace_count[0] += 1  # Python side effect: runs once per trace (the compile guard reads it)
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (_, (metrics, aux)), grads = grad_fn(st.params, st, batch_bd)
-    grads = {n: {**g, 'w_dec': common.remove_parallel_grad(g['w_dec'], st.params[n]['w_dec'])}
-             for n, g in grads.items()}
+    grads = {n: ({**g, 'w_dec': common.remove_parallel_grad(g['w_dec'], st.params[n]['w_dec'])}
+                 if unit_decoder[n] else g) for n, g in grads.items()}
     metrics['grad_norm'] = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, st.opt_state, st.params)
     params = optax.apply_updates(st.params, updates)
-    params = {n: {**p, 'w_dec': common.normalize_rows(p['w_dec'])} for n, p in params.items()}
+    params = {n: ({**p, 'w_dec': common.normalize_rows(p['w_dec'])} if unit_decoder[n] else p)
+              for n, p in params.items()}
     thresholds, since = dict(st.threshold), dict(st.since_fired)
     for name, (codes_bn, valid_b) in aux.items():
       spec = levels[name]

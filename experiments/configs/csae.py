@@ -59,7 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   def sae(arch, n_latents, k):
     g = ml_collections.ConfigDict()
-    g.arch = arch              # 'batch_topk' | 'topk'
+    g.arch = arch  # 'batch_topk' | 'topk' | 'relu_l1' | 'jumprelu' | 'matryoshka'
     g.n_latents = n_latents    # dictionary size; 0 = auto
     g.k = k                    # active latents per input (BatchTopK: on average); 0 = auto
     # 'default': AuxK dead-latent loss, no k annealing (recovers more of the ground truth);
@@ -80,6 +80,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # forget its first values (horizon <= 1/5 of them).
     g.threshold_decay = config_dict.placeholder(float)
     g.threshold_start = config_dict.placeholder(int)
+    # relu_l1: weight of sum_i f_i ||d_i||, for unit-mean-squared-norm inputs (measured on the
+    # synthetic data: 0.03 -> L0 25, 0.1 -> L0 5.3, 0.3 -> L0 3.8 with FVU 0.11)
+    g.l1_coeff = 0.1
+    g.sparsity_warmup_frac = 0.05   # relu_l1 / jumprelu: coefficient warmup over this fraction
+    # jumprelu: width of the straight-through rectangle kernel and the initial threshold, in the
+    # units of unit-mean-squared-norm inputs (Gemma Scope's 1e-3 assumes norm sqrt(d) inputs
+    # and far longer runs: measured, thresholds then never leave their start here)
+    g.jumprelu_bandwidth = 0.05
+    g.jumprelu_init_threshold = 0.1
+    g.l0_coeff = 1.0                # jumprelu: weight of the L0 (or target-L0) loss
+    g.target_l0 = -1.0              # jumprelu: -1 = steer L0 to k; 0 = plain L0 penalty
+    g.matryoshka_groups = ''        # matryoshka: group sizes "a,b,..." summing to n; '' = halves
     return g
 
   # Level 1: the SAE on activations.

@@ -120,14 +120,14 @@ def test_batch_topk_keeps_exactly_k_times_batch_largest():
 
 def test_topk_keeps_exactly_k_per_row():
   acts = jnp.asarray(_relu_normal((B, N), seed=6))
-  codes = np.asarray(topk.train_codes(acts, K))
+  codes = np.asarray(topk.topk_codes(acts, K))
   nz = codes != 0
   np.testing.assert_array_equal(nz.sum(1), K)
   a = np.asarray(acts)
   np.testing.assert_array_equal(codes[nz], a[nz])
   for r in range(B):
     assert codes[r][nz[r]].min() >= a[r][~nz[r]].max()
-  np.testing.assert_array_equal(np.asarray(topk.infer_codes(acts, K, 123.0)), codes)
+  np.testing.assert_array_equal(np.asarray(topk.ARCH.infer_codes({}, acts, K, 123.0)), codes)
 
 
 def test_batch_topk_with_valid_mask():
@@ -163,7 +163,7 @@ def test_batch_topk_with_traced_k():
 
 def test_batch_topk_infer_codes_uses_threshold():
   acts = jnp.asarray([[0.1, 0.5, 0.0, 2.0], [0.3, 0.29, 0.31, 0.0]], jnp.float32)
-  got = np.asarray(batch_topk.infer_codes(acts, 1, 0.3))
+  got = np.asarray(batch_topk.infer_codes(acts, 0.3))
   np.testing.assert_array_equal(got, np.float32([[0, 0.5, 0, 2.0], [0, 0, 0.31, 0]]))
 
 
@@ -183,14 +183,14 @@ def test_update_threshold():
   assert float(batch_topk.update_threshold(t1, zeros, 0.9, True)) == pytest.approx(0.4)
   assert float(batch_topk.update_threshold(t0, zeros, 0.9, True)) == -1.0
   # TopK has no threshold.
-  assert float(topk.update_threshold(t1, codes2, 0.9, True)) == pytest.approx(0.4)
+  assert float(topk.ARCH.update_threshold(t1, codes2, 0.9, True)) == pytest.approx(0.4)
 
 
 def test_get_arch():
-  assert saes.get_arch('batch_topk') is batch_topk
-  assert saes.get_arch('topk') is topk
+  assert saes.get_arch('batch_topk') is batch_topk.ARCH
+  assert saes.get_arch('topk') is topk.ARCH
   with pytest.raises(ValueError, match='unknown SAE arch'):
-    saes.get_arch('jumprelu')
+    saes.get_arch('gated')
 
 
 # ---- common ----------------------------------------------------------------------------------
