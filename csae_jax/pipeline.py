@@ -121,17 +121,18 @@ def _stack(trees: list) -> dict:
 
 
 def _select_restart(cfg, st, rows_rd) -> tuple[dict, float, dict]:
-  """The restart with the lowest reconstruction loss of the rows (inference rule)."""
-  s2 = cfg.level2
-  fvus = []
-  for r in range(s2.restarts):
-    p = jax.tree.map(lambda a: a[r], st.params['level2'])
+  """The restart with the lowest reconstruction loss of the rows (inference rule); returns its
+  params, threshold and level-2 metrics."""
+  runs = []
+  for r in range(cfg.level2.restarts):
+    p = jax.tree.map(lambda a, r=r: a[r], st.params['level2'])
     thr = float(st.threshold['level2'][r])
-    fvus.append(recon.evaluate(p, [rows_rd], thr, arch=s2.arch, k=s2.k)['fvu'])
+    runs.append((p, thr, _level2_metrics(cfg, p, thr, rows_rd)))
+  fvus = [m['level2/fvu'] for _, _, m in runs]
   best = int(np.argmin(fvus))
-  return (jax.tree.map(lambda a: a[best], st.params['level2']),
-          float(st.threshold['level2'][best]),
-          {'level2/restart_fvus': [round(f, 6) for f in fvus], 'level2/restart_selected': best})
+  p, thr, metrics = runs[best]
+  return p, thr, {**metrics, 'level2/restart_fvus': [round(f, 6) for f in fvus],
+                  'level2/restart_selected': best}
 
 
 def _unit_rows(params) -> np.ndarray:
@@ -217,10 +218,9 @@ def run(cd_or_cfg, workdir: str, *, hooks=()) -> dict:
     res = loop.fit(stage=stage, mesh=mesh, levels={'level1': spec1, 'level2': spec2},
                    # level 2 is a placeholder until level2_start re-initialises it from rows
                    init_params=lambda: {'level1': init_sae(key1, cfg.level1, x0_bd),
-                                        'level2': {**common.init_params(
-                                            key2, d, cfg.level2.n_latents), **get_arch(
-                                                cfg.level2.arch).extra_params(
-                                                    cfg.level2.n_latents, cfg.level2)}},
+                                        'level2': init_sae(key2, dataclasses.replace(
+                                            cfg.level2, decoder_init='random',
+                                            b_dec_init='zeros'), x0_bd)},
                    optimizer=_optimizer(t.lr, t.steps, t), source=source, steps=t.steps,
                    log_every=t.log_every, checkpoint_every=t.checkpoint_every, joint=jspec,
                    before_step=start_level2, hooks=hooks, desc='joint CSAE')
@@ -228,6 +228,7 @@ def run(cd_or_cfg, workdir: str, *, hooks=()) -> dict:
     p2, thr2 = res.state.params['level2'], float(res.state.threshold['level2'])
     ev1, alive = _eval_level1(cfg, source, p1, thr1)
     rows_rd = _unit_rows(p1)[alive]
+    metrics.update(_level2_metrics(cfg, p2, thr2, rows_rd))
     histories = {'joint': res.history}
     stages = [stage]
 
@@ -243,7 +244,6 @@ def run(cd_or_cfg, workdir: str, *, hooks=()) -> dict:
       'level1/l0': ev1['l0'], 'level1/cos': ev1['cos'], 'level1/dead_frac': ev1['dead_frac'],
       'level1/alive': int(alive.sum()), 'eval_rows': ev1['n_rows'],
   })
-  metrics.update(_level2_metrics(cfg, p2, thr2, rows_rd))
   metrics.update(structure.stats(hier, w_dec1, cfg.level2.n_latents))
   if not cfg.data.path:
     truth = source.truth

@@ -46,10 +46,9 @@ def tree_shardings(mesh: Mesh, logical_tree: Any) -> Any:
                       is_leaf=lambda x: isinstance(x, tuple))
 
 
-def put_batch(mesh: Mesh, local_bd: np.ndarray) -> jax.Array:
-  """This process's rows of the global batch -> a global array sharded over 'data'."""
-  sharding = named(mesh, 'batch', 'embed')
-  return jax.make_array_from_process_local_data(sharding, local_bd)
+def put_batch(batch_sharding: NamedSharding, local_bd: np.ndarray) -> jax.Array:
+  """This process's rows of the global batch -> one global array with `batch_sharding`."""
+  return jax.make_array_from_process_local_data(batch_sharding, local_bd)
 
 
 def replicate(mesh: Mesh, x: Any) -> Any:

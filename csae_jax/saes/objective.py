@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float
 
+from csae_jax import saes
 from csae_jax.saes import base, common, select
 
 
@@ -71,8 +72,7 @@ def sae_loss(h: SAEHyper, params: common.Params, since_fired_n, x_bd: Float[Arra
              *, target_bd=None, valid_b=None) -> LossOut:
   """Loss of one SAE on a batch. `target_bd` (default x_bd) is what is reconstructed; joint
   mode passes it separately to place stop-gradients on the encoder input and the target."""
-  from csae_jax.saes import get_arch  # pylint: disable=g-import-not-at-top
-  arch = get_arch(h.arch)
+  arch = saes.get_arch(h.arch)
   target_bd = x_bd if target_bd is None else target_bd
   acts_bn = common.pre_acts(params, x_bd)
   codes_bn = arch.train_codes(params, acts_bn, k_at(h, step), valid_b, h)

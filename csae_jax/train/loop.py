@@ -107,7 +107,7 @@ def fit(*, stage: ckpt_lib.Stage, mesh: Mesh, levels: dict[str, step_lib.LevelSp
   for s, local_bd in prefetch(source.batch, range(start, steps)):
     if before_step is not None:
       state = before_step(s, state)
-    state, metrics = jstep(state, jax.make_array_from_process_local_data(batch_sharding, local_bd))
+    state, metrics = jstep(state, sharding.put_batch(batch_sharding, local_bd))
     done = s + 1
     for hook in hooks:
       hook(done, state)
