@@ -147,12 +147,10 @@ def _level2_metrics(cfg, params2, threshold2, rows_rd) -> dict:
           'level2/l0': ev['l0'], 'level2/dead_frac': ev['dead_frac']}
 
 
-def run(cd_or_cfg, workdir: str, *, hooks=()) -> dict:
-  """Runs the whole pipeline; returns the metrics (also in <workdir>/export/metrics.json)."""
+def setup(cd_or_cfg, workdir: str):
+  """Validated + resolved config, the data source and the mesh: what every stage needs."""
   cfg = cd_or_cfg if isinstance(cd_or_cfg, config_lib.Config) else config_lib.from_config_dict(
       cd_or_cfg)
-  t_start = time.perf_counter()
-  workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   source = make_source(cfg)
   cfg = config_lib.resolve(cfg, d=source.d,
@@ -166,6 +164,31 @@ def run(cd_or_cfg, workdir: str, *, hooks=()) -> dict:
     raise ValueError(f'level1.n_latents and level2.n_latents must be divisible by mesh.model = '
                      f'{mesh.shape["model"]}')
   logging.info('resolved config: %s', config_lib.to_dict(cfg))
+  return cfg, source, mesh
+
+
+def train_level1(cfg: config_lib.Config, source, mesh, workdir: str, *, hooks=()):
+  """Stage 'level1' (resumable). Returns (fit result, stage, held-out eval, alive mask)."""
+  t = cfg.train
+  key1 = jax.random.split(jax.random.key(t.seed))[0]
+  x0_bd = first_global_batch(source)
+  stage1 = _stage(cfg, workdir, 'level1', ('data', 'level1', 'train'), source)
+  res1 = loop.fit(stage=stage1, mesh=mesh, levels={'level1': level_spec(cfg.level1, source.d,
+                                                                          t.steps)},
+                  init_params=lambda: {'level1': init_sae(key1, cfg.level1, x0_bd)},
+                  optimizer=_optimizer(t.lr, t.steps, t), source=source, steps=t.steps,
+                  log_every=t.log_every, checkpoint_every=t.checkpoint_every, hooks=hooks,
+                  desc='level 1')
+  p1, thr1 = res1.state.params['level1'], float(res1.state.threshold['level1'])
+  ev1, alive = _eval_level1(cfg, source, p1, thr1)
+  return res1, stage1, ev1, alive
+
+
+def run(cd_or_cfg, workdir: str, *, hooks=()) -> dict:
+  """Runs the whole pipeline; returns the metrics (also in <workdir>/export/metrics.json)."""
+  t_start = time.perf_counter()
+  workdir = os.path.abspath(workdir)
+  cfg, source, mesh = setup(cd_or_cfg, workdir)
   key1, key2 = jax.random.split(jax.random.key(cfg.train.seed))
   t, d = cfg.train, source.d
   x0_bd = first_global_batch(source)
@@ -173,14 +196,8 @@ def run(cd_or_cfg, workdir: str, *, hooks=()) -> dict:
   metrics: dict = {}
 
   if cfg.mode == 'staged':
-    stage1 = _stage(cfg, workdir, 'level1', ('data', 'level1', 'train'), source)
-    res1 = loop.fit(stage=stage1, mesh=mesh, levels={'level1': spec1},
-                    init_params=lambda: {'level1': init_sae(key1, cfg.level1, x0_bd)},
-                    optimizer=_optimizer(t.lr, t.steps, t), source=source, steps=t.steps,
-                    log_every=t.log_every, checkpoint_every=t.checkpoint_every, hooks=hooks,
-                    desc='level 1')
+    res1, stage1, ev1, alive = train_level1(cfg, source, mesh, workdir, hooks=hooks)
     p1, thr1 = res1.state.params['level1'], float(res1.state.threshold['level1'])
-    ev1, alive = _eval_level1(cfg, source, p1, thr1)
     rows_rd = _unit_rows(p1)[alive]
     s2 = cfg.level2
     row_source = rows_lib.RowSource(rows_rd, batch_size=s2.batch_size or min(len(rows_rd), 4096),
