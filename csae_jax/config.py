@@ -19,6 +19,7 @@ SAE_ARCHS = ('batch_topk', 'topk', 'relu_l1', 'jumprelu', 'matryoshka')
 RECIPES = ('default', 'reference')
 MODES = ('staged', 'joint')
 STOP_GRADIENTS = ('none', 'partial', 'bilateral')
+LR_SCHEDULES = ('linear_decay', 'cosine', 'constant')
 B_DEC_INITS = ('geometric_median', 'mean', 'zeros')
 DECODER_INITS = ('random', 'data', 'kmeans++')
 
@@ -84,6 +85,7 @@ class TrainConfig:
   seed: int = 0
   warmup_steps: int = 100
   decay_start: float = 0.8
+  lr_schedule: str = 'linear_decay'
   grad_clip: float = 1.0
   log_every: int = 25
   checkpoint_every: int = 500
@@ -205,6 +207,7 @@ def validate(cfg: Config) -> Config:
   for name in ('steps', 'batch_size', 'lr', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
     _positive(f'train.{name}', getattr(t, name))
   _positive('train.warmup_steps', t.warmup_steps, allow_zero=True)
+  _one_of('train.lr_schedule', t.lr_schedule, LR_SCHEDULES)
   if not 0 < t.decay_start <= 1:
     raise ValueError(f'config key train.decay_start must be in (0, 1], got {t.decay_start}')
   _positive('joint.alpha', cfg.joint.alpha, allow_zero=True)

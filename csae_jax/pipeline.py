@@ -105,7 +105,8 @@ def _stage(cfg, workdir, name, parts, source, parent=None) -> ckpt_lib.Stage:
 
 
 def _optimizer(lr, steps, t: config_lib.TrainConfig):
-  return optim.make_optimizer(lr, steps, t.warmup_steps, t.decay_start, t.grad_clip)
+  return optim.make_optimizer(lr, steps, t.warmup_steps, t.decay_start, t.grad_clip,
+                              t.lr_schedule)
 
 
 def _eval_level1(cfg, source, params, threshold):

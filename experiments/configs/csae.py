@@ -118,6 +118,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.train.seed = 0               # data order, initialisation
   c.train.warmup_steps = 100     # linear LR warmup
   c.train.decay_start = 0.8      # linear decay to 0 from this fraction of training
+  # 'linear_decay' (reference: warmup, constant, linear decay from decay_start) | 'cosine' |
+  # 'constant' (all after the warmup); level 2 uses the same kind
+  c.train.lr_schedule = 'linear_decay'
   c.train.grad_clip = 1.0        # global gradient-norm clip
   c.train.log_every = 25         # metrics / progress cadence (also bounds async dispatch)
   c.train.checkpoint_every = 500  # orbax save cadence (steps); the last step is always saved
