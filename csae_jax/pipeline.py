@@ -260,6 +260,7 @@ def run(cd_or_cfg, workdir: str, *, hooks=()) -> dict:
       'level2/n_latents': cfg.level2.n_latents, 'level2/k': cfg.level2.k,
       'level1/fvu': ev1['fvu'], 'level1/variance_explained': 1 - ev1['fvu'],
       'level1/l0': ev1['l0'], 'level1/cos': ev1['cos'], 'level1/dead_frac': ev1['dead_frac'],
+      'level1/dense_frac': ev1['dense_frac'], 'level1/mse': ev1['mse'],
       'level1/alive': int(alive.sum()), 'eval_rows': ev1['n_rows'],
   })
   metrics.update(structure.stats(hier, w_dec1, cfg.level2.n_latents))
@@ -275,6 +276,8 @@ def run(cd_or_cfg, workdir: str, *, hooks=()) -> dict:
   if jax.process_index() == 0:
     ckpt_lib.write_json_atomic(os.path.join(workdir, 'histories.json'), histories)
     plots.training_curves(histories, os.path.join(workdir, 'export', 'curves.png'))
+    plots.density_histogram(ev1['density_n'], os.path.join(workdir, 'export', 'level1_density.png'),
+                            title=f'level-1 feature density ({ev1["n_rows"]} held-out inputs)')
   for st in stages:
     st.close()
   return metrics

@@ -29,9 +29,14 @@ def _batch_stats(params, x_bd, threshold, *, arch, k):
           'fires_n': jnp.sum(codes_bn > 0, 0)}
 
 
+# A latent firing on more than this fraction of inputs counts as dense (as in the train state).
+DENSE_RATE = 0.1
+
+
 def evaluate(params: common.Params, batches: Iterable[np.ndarray], threshold, *, arch: str,
              k: int) -> dict:
-  """FVU (1 - variance explained), MSE, cosine, L0 and per-latent firing counts.
+  """FVU (1 - variance explained), MSE, cosine, L0, dead / dense fractions, per-latent firing
+  counts and densities (fraction of inputs each latent fires on).
 
   Totals are accumulated on the host in float64, so the result does not depend on batching.
   """
@@ -45,6 +50,9 @@ def evaluate(params: common.Params, batches: Iterable[np.ndarray], threshold, *,
     raise ValueError('evaluation got no rows; raise data.eval_rows / data.holdout_rows')
   total_var = tot['sum_sq'] - np.sum(tot['sum_x'] ** 2) / n
   fires_n = tot['fires_n'].astype(np.int64)
+  density_n = fires_n / n
   return {'fvu': float(tot['sq_err'] / max(total_var, 1e-12)), 'mse': float(tot['sq_err'] / n),
           'cos': float(tot['cos'] / n), 'l0': float(tot['l0'] / n),
-          'dead_frac': float(np.mean(fires_n == 0)), 'fires_n': fires_n, 'n_rows': n}
+          'dead_frac': float(np.mean(fires_n == 0)),
+          'dense_frac': float(np.mean(density_n > DENSE_RATE)), 'fires_n': fires_n,
+          'density_n': density_n, 'n_rows': n}

@@ -1,16 +1,43 @@
-"""Training curves of every stage as one PNG (matplotlib, headless)."""
+"""Pictures of a run (matplotlib, headless): training curves, feature-density histogram."""
 
 from __future__ import annotations
 
 import os
 
 import matplotlib
+import numpy as np
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after the headless backend is chosen)
 
 PANELS = (('fvu', 'FVU (1 - variance explained)', True), ('l0', 'L0 (active latents)', False),
-          ('dead_frac', 'dead fraction', False), ('aux', 'AuxK loss', True))
+          ('dead_frac', 'dead fraction', False), ('dense_frac', 'dense fraction', False),
+          ('aux', 'AuxK loss', True))
+
+
+def density_histogram(density_n, path: str, title: str = 'feature density') -> str:
+  """Histogram of log10(fraction of inputs each latent fires on); dead latents counted apart."""
+  density_n = np.asarray(density_n)
+  alive = density_n[density_n > 0]
+  fig, ax = plt.subplots(figsize=(6, 3.4))
+  if alive.size:
+    ax.hist(np.log10(alive), bins=50, color='tab:blue')
+  ax.axvline(-1, color='tab:red', ls='--', lw=1, label='dense (> 10%)')
+  ax.set_xlabel('log10 firing density')
+  ax.set_ylabel('latents')
+  ax.set_title(f'{title}: {int((density_n == 0).sum())} dead of {density_n.size}')
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
+def _save(fig, path: str) -> str:
+  os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+  tmp = path + '.tmp.png'
+  fig.savefig(tmp, dpi=110)
+  plt.close(fig)
+  os.replace(tmp, path)
+  return path
 
 
 def training_curves(histories: dict[str, list[dict]], path: str) -> str:
@@ -30,9 +57,4 @@ def training_curves(histories: dict[str, list[dict]], path: str) -> str:
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=7)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=110)
-  plt.close(fig)
-  os.replace(tmp, path)
-  return path
+  return _save(fig, path)

@@ -28,6 +28,7 @@ class TrainState:
   opt_state: Any
   threshold: dict[str, jax.Array]      # level name -> scalar inference threshold (-1: unset)
   since_fired: dict[str, jax.Array]    # level name -> [n] int32 inputs since last firing
+  fire_rate: dict[str, jax.Array]      # level name -> [n] f32 EMA of the per-input firing rate
 
 
 def param_shardings(mesh: Mesh, params: dict[str, common.Params]) -> dict[str, dict]:
@@ -54,7 +55,9 @@ def create(mesh: Mesh, params: dict[str, common.Params], optimizer: optax.Gradie
       opt_state=opt_state,
       threshold={k: jax.device_put(jnp.full((), -1.0, jnp.float32), rep) for k in params},
       since_fired={k: jax.device_put(jnp.zeros((p['w_dec'].shape[0],), jnp.int32), lat)
-                   for k, p in params.items()})
+                   for k, p in params.items()},
+      fire_rate={k: jax.device_put(jnp.zeros((p['w_dec'].shape[0],), jnp.float32), lat)
+                 for k, p in params.items()})
 
 
 def create_stacked(mesh: Mesh, params: dict[str, common.Params],
@@ -69,7 +72,9 @@ def create_stacked(mesh: Mesh, params: dict[str, common.Params],
       step=jnp.zeros((n_stack,), jnp.int32), params=params, opt_state=opt_state,
       threshold={k: jnp.full((n_stack,), -1.0, jnp.float32) for k in params},
       since_fired={k: jnp.zeros((n_stack, p['w_dec'].shape[1]), jnp.int32)
-                   for k, p in params.items()})
+                   for k, p in params.items()},
+      fire_rate={k: jnp.zeros((n_stack, p['w_dec'].shape[1]), jnp.float32)
+                 for k, p in params.items()})
   return jax.device_put(st, sharding.named(mesh))
 
 

@@ -17,6 +17,12 @@ from csae_jax.saes import common, get_arch, objective
 from csae_jax.train import state as state_lib
 
 
+# EMA of each latent's firing rate (dense-latent counter): a window of ~1000 steps.
+FIRE_RATE_DECAY = 0.999
+# A latent firing on more than this fraction of inputs counts as dense.
+DENSE_RATE = 0.1
+
+
 class LevelSpec(NamedTuple):
   hyper: objective.SAEHyper
   threshold_decay: float
@@ -39,7 +45,9 @@ def _update_level(spec: LevelSpec, st: state_lib.TrainState, name: str, codes_bn
   fired_n = jnp.any(codes_bn > 0, axis=0)
   since = jnp.where(fired_n, 0, jnp.minimum(st.since_fired[name] + n_inputs,
                                             state_lib.SINCE_FIRED_MAX))
-  return thr, since.astype(jnp.int32)
+  rate_n = jnp.sum(codes_bn > 0, axis=0) / jnp.maximum(n_inputs, 1)
+  rate_n = FIRE_RATE_DECAY * st.fire_rate[name] + (1 - FIRE_RATE_DECAY) * rate_n
+  return thr, since.astype(jnp.int32), rate_n
 
 
 def make_step(levels: dict[str, LevelSpec], optimizer: optax.GradientTransformation,
@@ -87,22 +95,24 @@ def make_step(levels: dict[str, LevelSpec], optimizer: optax.GradientTransformat
     params = optax.apply_updates(st.params, updates)
     params = {n: ({**p, 'w_dec': common.normalize_rows(p['w_dec'])} if unit_decoder[n] else p)
               for n, p in params.items()}
-    thresholds, since = dict(st.threshold), dict(st.since_fired)
+    thresholds, since, rates = dict(st.threshold), dict(st.since_fired), dict(st.fire_rate)
     for name, (codes_bn, valid_b) in aux.items():
       spec = levels[name]
       lstep = st.step if name == data_level or joint is None else st.step - joint.level2_start
       n_inputs = batch_bd.shape[0] if valid_b is None else jnp.sum(valid_b).astype(jnp.int32)
-      thr, sf = _update_level(spec, st, name, codes_bn, lstep, n_inputs, valid_b)
+      thr, sf, rate = _update_level(spec, st, name, codes_bn, lstep, n_inputs, valid_b)
       if joint is not None and name != data_level:  # level 2 frozen in time until it starts
         started = lstep >= 0
         thr, sf = jnp.where(started, thr, st.threshold[name]), jnp.where(started, sf, 0)
-      thresholds[name], since[name] = thr, sf
+        rate = jnp.where(started, rate, 0.0)
+      thresholds[name], since[name], rates[name] = thr, sf, rate
     for name in names:
       metrics[f'{name}/dead_frac'] = jnp.mean(
           (since[name] >= levels[name].hyper.dead_tokens).astype(jnp.float32))
       metrics[f'{name}/threshold'] = thresholds[name]
+      metrics[f'{name}/dense_frac'] = jnp.mean((rates[name] > DENSE_RATE).astype(jnp.float32))
     new = st.replace(step=st.step + 1, params=params, opt_state=opt_state, threshold=thresholds,
-                     since_fired=since)
+                     since_fired=since, fire_rate=rates)
     return new, metrics
 
   return step, trace_count
