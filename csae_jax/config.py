@@ -86,6 +86,7 @@ class TrainConfig:
   warmup_steps: int = 100
   decay_start: float = 0.8
   lr_schedule: str = 'linear_decay'
+  compute_dtype: str = 'float32'
   grad_clip: float = 1.0
   log_every: int = 25
   checkpoint_every: int = 500
@@ -208,6 +209,7 @@ def validate(cfg: Config) -> Config:
     _positive(f'train.{name}', getattr(t, name))
   _positive('train.warmup_steps', t.warmup_steps, allow_zero=True)
   _one_of('train.lr_schedule', t.lr_schedule, LR_SCHEDULES)
+  _one_of('train.compute_dtype', t.compute_dtype, ('float32', 'bfloat16'))
   if not 0 < t.decay_start <= 1:
     raise ValueError(f'config key train.decay_start must be in (0, 1], got {t.decay_start}')
   _positive('joint.alpha', cfg.joint.alpha, allow_zero=True)

@@ -50,7 +50,8 @@ def first_global_batch(source) -> np.ndarray:
   return source.read_rows(source.global_indices(0)) * np.float32(source.scale)
 
 
-def level_spec(sae: config_lib.SAEConfig, d: int, steps: int) -> step_lib.LevelSpec:
+def level_spec(sae: config_lib.SAEConfig, d: int, steps: int,
+               compute_dtype: str = 'float32') -> step_lib.LevelSpec:
   hyper = objective.SAEHyper(
       arch=sae.arch, k=sae.k, k_aux=sae.k_aux, auxk_weight=sae.auxk_weight,
       dead_tokens=sae.dead_tokens, k_anneal_steps=int(sae.k_anneal_frac * steps),
@@ -58,7 +59,8 @@ def level_spec(sae: config_lib.SAEConfig, d: int, steps: int) -> step_lib.LevelS
       sparsity_warmup_steps=int(sae.sparsity_warmup_frac * steps),
       bandwidth=sae.jumprelu_bandwidth, l0_coeff=sae.l0_coeff,
       target_l0=float(sae.k) if sae.target_l0 < 0 else sae.target_l0,
-      groups=config_lib.matryoshka_groups(sae.matryoshka_groups, sae.n_latents))
+      groups=config_lib.matryoshka_groups(sae.matryoshka_groups, sae.n_latents),
+      compute_dtype=compute_dtype)
   return step_lib.LevelSpec(hyper, sae.threshold_decay, sae.threshold_start)
 
 
@@ -174,8 +176,8 @@ def train_level1(cfg: config_lib.Config, source, mesh, workdir: str, *, hooks=()
   key1 = jax.random.split(jax.random.key(t.seed))[0]
   x0_bd = first_global_batch(source)
   stage1 = _stage(cfg, workdir, 'level1', ('data', 'level1', 'train'), source)
-  res1 = loop.fit(stage=stage1, mesh=mesh, levels={'level1': level_spec(cfg.level1, source.d,
-                                                                          t.steps)},
+  res1 = loop.fit(stage=stage1, mesh=mesh, levels={'level1': level_spec(cfg.level1, source.d, t.steps,
+                                                                          t.compute_dtype)},
                   init_params=lambda: {'level1': init_sae(key1, cfg.level1, x0_bd)},
                   optimizer=_optimizer(t.lr, t.steps, t), source=source, steps=t.steps,
                   log_every=t.log_every, checkpoint_every=t.checkpoint_every, hooks=hooks,
@@ -193,7 +195,7 @@ def run(cd_or_cfg, workdir: str, *, hooks=()) -> dict:
   key1, key2 = jax.random.split(jax.random.key(cfg.train.seed))
   t, d = cfg.train, source.d
   x0_bd = first_global_batch(source)
-  spec1 = level_spec(cfg.level1, d, t.steps)
+  spec1 = level_spec(cfg.level1, d, t.steps, t.compute_dtype)
   metrics: dict = {}
 
   if cfg.mode == 'staged':
@@ -206,7 +208,7 @@ def run(cd_or_cfg, workdir: str, *, hooks=()) -> dict:
     parent = {'stage': 'level1', 'config_hash': stage1.manifest['config_hash'],
               'step': int(res1.state.step)}
     stage2 = _stage(cfg, workdir, 'level2', ('level2',), source, parent=parent)
-    spec2 = level_spec(s2, d, s2.steps)
+    spec2 = level_spec(s2, d, s2.steps, t.compute_dtype)
     keys2 = jax.random.split(key2, s2.restarts)
     res2 = loop.fit(stage=stage2, mesh=mesh, levels={'level2': spec2},
                     init_params=lambda: {'level2': _stack([init_sae(k, s2, rows_rd) for k in keys2])},
@@ -219,7 +221,7 @@ def run(cd_or_cfg, workdir: str, *, hooks=()) -> dict:
     stages = [stage1, stage2]
   else:
     stage = _stage(cfg, workdir, 'joint', ('data', 'level1', 'level2', 'train', 'joint'), source)
-    spec2 = level_spec(cfg.level2, d, t.steps - cfg.joint.level2_start)
+    spec2 = level_spec(cfg.level2, d, t.steps - cfg.joint.level2_start, t.compute_dtype)
     jspec = step_lib.JointSpec(cfg.joint.alpha, cfg.joint.level2_start, cfg.joint.stop_gradient)
 
     def start_level2(s, st):

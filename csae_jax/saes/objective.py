@@ -32,6 +32,7 @@ class SAEHyper(NamedTuple):
   l0_coeff: float = 0.0               # jumprelu
   target_l0: float = 0.0              # jumprelu (0: plain L0 penalty)
   groups: tuple[int, ...] = ()        # matryoshka group sizes (sum = n)
+  compute_dtype: str = 'float32'      # encoder / decoder matmuls; params stay float32
 
 
 class LossOut(NamedTuple):
@@ -68,15 +69,25 @@ def auxk_loss(params: common.Params, acts_bn, dead_n: Bool[Array, 'n'], resid_bd
   return jnp.where(jnp.any(dead_n), loss, 0.0)
 
 
+def _cast(params: common.Params, dtype: str) -> common.Params:
+  if dtype == 'float32':
+    return params
+  return {k: (v.astype(dtype) if k in ('w_enc', 'b_enc', 'w_dec', 'b_dec') else v)
+          for k, v in params.items()}
+
+
 def sae_loss(h: SAEHyper, params: common.Params, since_fired_n, x_bd: Float[Array, 'b d'], step,
              *, target_bd=None, valid_b=None) -> LossOut:
   """Loss of one SAE on a batch. `target_bd` (default x_bd) is what is reconstructed; joint
   mode passes it separately to place stop-gradients on the encoder input and the target."""
   arch = saes.get_arch(h.arch)
   target_bd = x_bd if target_bd is None else target_bd
-  acts_bn = common.pre_acts(params, x_bd)
+  # Mixed precision: the two big matmuls run in compute_dtype on a cast copy of the float32
+  # params (gradients flow back to them in float32); selection, thresholds and losses in float32.
+  cparams = _cast(params, h.compute_dtype)
+  acts_bn = common.pre_acts(cparams, x_bd.astype(h.compute_dtype)).astype(jnp.float32)
   codes_bn = arch.train_codes(params, acts_bn, k_at(h, step), valid_b, h)
-  x_hat_bd = common.decode(params, codes_bn)
+  x_hat_bd = common.decode(cparams, codes_bn.astype(h.compute_dtype)).astype(jnp.float32)
   recon = base.masked_mean(jnp.sum((x_hat_bd - target_bd) ** 2, -1), valid_b)
   train_recon = recon if arch.recon_loss is None else arch.recon_loss(
       params, codes_bn, target_bd, valid_b, h)

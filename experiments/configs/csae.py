@@ -121,6 +121,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 'linear_decay' (reference: warmup, constant, linear decay from decay_start) | 'cosine' |
   # 'constant' (all after the warmup); level 2 uses the same kind
   c.train.lr_schedule = 'linear_decay'
+  # 'bfloat16': encoder/decoder matmuls in bf16 (TPU/GPU speed); params, optimiser state,
+  # thresholds and losses stay float32
+  c.train.compute_dtype = 'float32'
   c.train.grad_clip = 1.0        # global gradient-norm clip
   c.train.log_every = 25         # metrics / progress cadence (also bounds async dispatch)
   c.train.checkpoint_every = 500  # orbax save cadence (steps); the last step is always saved
