@@ -87,6 +87,7 @@ class TrainConfig:
   decay_start: float = 0.8
   lr_schedule: str = 'linear_decay'
   compute_dtype: str = 'float32'
+  sparse_decode: bool = False
   grad_clip: float = 1.0
   log_every: int = 25
   checkpoint_every: int = 500
@@ -210,6 +211,11 @@ def validate(cfg: Config) -> Config:
   _positive('train.warmup_steps', t.warmup_steps, allow_zero=True)
   _one_of('train.lr_schedule', t.lr_schedule, LR_SCHEDULES)
   _one_of('train.compute_dtype', t.compute_dtype, ('float32', 'bfloat16'))
+  if t.sparse_decode and (cfg.level1.arch != 'topk' or (cfg.level1.k_anneal_frac or 0) > 0
+                          or cfg.mode != 'staged'):
+    raise ValueError('train.sparse_decode needs level1.arch=topk with a fixed k (no '
+                     'k_anneal_frac) in staged mode: BatchTopK and annealed k select a varying '
+                     'number of rows per input; set --config.train.sparse_decode=False')
   if not 0 < t.decay_start <= 1:
     raise ValueError(f'config key train.decay_start must be in (0, 1], got {t.decay_start}')
   _positive('joint.alpha', cfg.joint.alpha, allow_zero=True)

@@ -51,7 +51,8 @@ def first_global_batch(source) -> np.ndarray:
 
 
 def level_spec(sae: config_lib.SAEConfig, d: int, steps: int,
-               compute_dtype: str = 'float32') -> step_lib.LevelSpec:
+               compute_dtype: str = 'float32', sparse_decode: bool = False
+               ) -> step_lib.LevelSpec:
   hyper = objective.SAEHyper(
       arch=sae.arch, k=sae.k, k_aux=sae.k_aux, auxk_weight=sae.auxk_weight,
       dead_tokens=sae.dead_tokens, k_anneal_steps=int(sae.k_anneal_frac * steps),
@@ -60,7 +61,7 @@ def level_spec(sae: config_lib.SAEConfig, d: int, steps: int,
       bandwidth=sae.jumprelu_bandwidth, l0_coeff=sae.l0_coeff,
       target_l0=float(sae.k) if sae.target_l0 < 0 else sae.target_l0,
       groups=config_lib.matryoshka_groups(sae.matryoshka_groups, sae.n_latents),
-      compute_dtype=compute_dtype)
+      compute_dtype=compute_dtype, sparse_decode=sparse_decode)
   return step_lib.LevelSpec(hyper, sae.threshold_decay, sae.threshold_start)
 
 
@@ -176,8 +177,8 @@ def train_level1(cfg: config_lib.Config, source, mesh, workdir: str, *, hooks=()
   key1 = jax.random.split(jax.random.key(t.seed))[0]
   x0_bd = first_global_batch(source)
   stage1 = _stage(cfg, workdir, 'level1', ('data', 'level1', 'train'), source)
-  res1 = loop.fit(stage=stage1, mesh=mesh, levels={'level1': level_spec(cfg.level1, source.d, t.steps,
-                                                                          t.compute_dtype)},
+  res1 = loop.fit(stage=stage1, mesh=mesh, levels={'level1': level_spec(
+                      cfg.level1, source.d, t.steps, t.compute_dtype, t.sparse_decode)},
                   init_params=lambda: {'level1': init_sae(key1, cfg.level1, x0_bd)},
                   optimizer=_optimizer(t.lr, t.steps, t), source=source, steps=t.steps,
                   log_every=t.log_every, checkpoint_every=t.checkpoint_every, hooks=hooks,

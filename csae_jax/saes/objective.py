@@ -33,6 +33,7 @@ class SAEHyper(NamedTuple):
   target_l0: float = 0.0              # jumprelu (0: plain L0 penalty)
   groups: tuple[int, ...] = ()        # matryoshka group sizes (sum = n)
   compute_dtype: str = 'float32'      # encoder / decoder matmuls; params stay float32
+  sparse_decode: bool = False         # topk: decode by gathering the k rows (O(B k d))
 
 
 class LossOut(NamedTuple):
@@ -53,16 +54,30 @@ def k_at(h: SAEHyper, step) :
   return jnp.round(h.d + (h.k - h.d) * frac).astype(jnp.int32)
 
 
+def gather_decode(w_nd, vals_bk, idx_bk):
+  """sum_j vals[b, j] * w[idx[b, j]]: the k selected rows only, O(B k d) instead of O(B n d)."""
+  return jnp.einsum('bk,bkd->bd', vals_bk, w_nd[idx_bk])
+
+
+def _scatter(vals_bk, idx_bk, n: int):
+  rows = jnp.arange(vals_bk.shape[0])[:, None]
+  return jnp.zeros((vals_bk.shape[0], n), vals_bk.dtype).at[rows, idx_bk].set(vals_bk)
+
+
 def auxk_loss(params: common.Params, acts_bn, dead_n: Bool[Array, 'n'], resid_bd, k_aux: int,
-              valid_b=None) -> jax.Array:
+              valid_b=None, sparse: bool = False) -> jax.Array:
   """AuxK (Gao et al. 2024): the k_aux largest dead latents reconstruct the (detached)
   residual, decoded without b_dec, normalised by the residual's variance. It gives dead latents
   a gradient towards what the live ones miss, which revives them."""
   dead_acts_bn = jnp.where(dead_n, acts_bn, 0.0)
   k_aux = min(k_aux, acts_bn.shape[-1])
-  thr_b1 = select.kth_largest(dead_acts_bn, k_aux, axis=-1)[:, None]
-  aux_codes_bn = jnp.where((dead_acts_bn >= thr_b1) & (dead_acts_bn > 0), dead_acts_bn, 0.0)
-  resid_hat_bd = aux_codes_bn @ params['w_dec']
+  if sparse:
+    vals_bk, idx_bk = jax.lax.top_k(dead_acts_bn, k_aux)
+    resid_hat_bd = gather_decode(params['w_dec'], vals_bk, idx_bk)
+  else:
+    thr_b1 = select.kth_largest(dead_acts_bn, k_aux, axis=-1)[:, None]
+    aux_codes_bn = jnp.where((dead_acts_bn >= thr_b1) & (dead_acts_bn > 0), dead_acts_bn, 0.0)
+    resid_hat_bd = aux_codes_bn @ params['w_dec']
   err_b = jnp.sum((resid_hat_bd - resid_bd) ** 2, -1)
   var_b = jnp.sum((resid_bd - jnp.mean(resid_bd, 0)) ** 2, -1)
   loss = base.masked_mean(err_b, valid_b) / jnp.maximum(base.masked_mean(var_b, valid_b), 1e-8)
@@ -86,8 +101,14 @@ def sae_loss(h: SAEHyper, params: common.Params, since_fired_n, x_bd: Float[Arra
   # params (gradients flow back to them in float32); selection, thresholds and losses in float32.
   cparams = _cast(params, h.compute_dtype)
   acts_bn = common.pre_acts(cparams, x_bd.astype(h.compute_dtype)).astype(jnp.float32)
-  codes_bn = arch.train_codes(params, acts_bn, k_at(h, step), valid_b, h)
-  x_hat_bd = common.decode(cparams, codes_bn.astype(h.compute_dtype)).astype(jnp.float32)
+  if h.sparse_decode:  # TopK with a static k: gather the k rows instead of a dense matmul
+    vals_bk, idx_bk = jax.lax.top_k(acts_bn, h.k)
+    x_hat_bd = (gather_decode(cparams['w_dec'], vals_bk.astype(h.compute_dtype), idx_bk)
+                + cparams['b_dec']).astype(jnp.float32)
+    codes_bn = jax.lax.stop_gradient(_scatter(vals_bk, idx_bk, acts_bn.shape[-1]))  # statistics
+  else:
+    codes_bn = arch.train_codes(params, acts_bn, k_at(h, step), valid_b, h)
+    x_hat_bd = common.decode(cparams, codes_bn.astype(h.compute_dtype)).astype(jnp.float32)
   recon = base.masked_mean(jnp.sum((x_hat_bd - target_bd) ** 2, -1), valid_b)
   train_recon = recon if arch.recon_loss is None else arch.recon_loss(
       params, codes_bn, target_bd, valid_b, h)
@@ -97,7 +118,7 @@ def sae_loss(h: SAEHyper, params: common.Params, since_fired_n, x_bd: Float[Arra
   if h.auxk_weight > 0:
     dead_n = since_fired_n >= h.dead_tokens
     aux = auxk_loss(params, acts_bn, dead_n, jax.lax.stop_gradient(target_bd - x_hat_bd),
-                    h.k_aux, valid_b)
+                    h.k_aux, valid_b, sparse=h.sparse_decode)
   l0 = base.masked_mean(jnp.sum(codes_bn > 0, -1).astype(jnp.float32), valid_b)
   return LossOut(loss=train_recon + sparsity + h.auxk_weight * aux, recon=recon,
                  sparsity=sparsity, aux=aux, fvu=recon / jnp.maximum(var, 1e-12), l0=l0,

@@ -124,3 +124,20 @@ def test_every_arch_trains_as_the_level2_sae(tmp_path, level1_done, arch):
   # Trivial baseline for rows: b_dec alone (variance explained 0). Grouping must beat chance.
   assert m['level2/variance_explained'] > 0.3, m
   assert m['synthetic/parent_ari'] > 0.3, m
+
+
+def test_sparse_gather_decoding_matches_dense_topk():
+  params = common.init_params(jax.random.key(0), 12, 40)
+  params['b_dec'] = jnp.linspace(-1, 1, 12)
+  x = jax.random.normal(jax.random.key(1), (16, 12))
+  since = jnp.where(jnp.arange(40) < 30, 0, 10**6)  # 10 dead latents: AuxK is on
+  h = _hyper(arch='topk', k=4, k_aux=6, auxk_weight=1 / 32, dead_tokens=100, d=12)
+  dense = jax.value_and_grad(lambda p: objective.sae_loss(h, p, since, x, 5).loss)
+  sparse = jax.value_and_grad(
+      lambda p: objective.sae_loss(h._replace(sparse_decode=True), p, since, x, 5).loss)
+  (ld, gd), (ls, gs) = dense(params), sparse(params)
+  assert float(ld) == pytest.approx(float(ls), rel=1e-5)
+  for key in ('w_enc', 'b_enc', 'w_dec', 'b_dec'):
+    np.testing.assert_allclose(np.asarray(gd[key]), np.asarray(gs[key]), rtol=1e-4, atol=1e-6)
+  out = objective.sae_loss(h._replace(sparse_decode=True), params, since, x, 5)
+  assert np.all(np.sum(np.asarray(out.codes_bn) > 0, -1) <= 4)
