@@ -17,7 +17,7 @@ from typing import Any
 
 SAE_ARCHS = ('batch_topk', 'topk', 'relu_l1', 'jumprelu', 'matryoshka')
 RECIPES = ('default', 'reference')
-MODES = ('staged', 'joint')
+MODES = ('staged', 'joint', 'sweep')
 STOP_GRADIENTS = ('none', 'partial', 'bilateral')
 LR_SCHEDULES = ('linear_decay', 'cosine', 'constant')
 B_DEC_INITS = ('geometric_median', 'mean', 'zeros')
@@ -102,6 +102,17 @@ class JointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SweepConfig:
+  """mode='sweep': level-1 SAEs for every combination, trained together in one vmapped step.
+  Comma-separated values; empty = the single value of the base config."""
+  seeds: str = ''
+  lr: str = ''
+  k: str = ''
+  l1_coeff: str = ''
+  l0_coeff: str = ''
+
+
+@dataclasses.dataclass(frozen=True)
 class MeshConfig:
   data: int = -1
   model: int = 1
@@ -116,6 +127,7 @@ class Config:
   level2: SAEConfig = SAEConfig(k=1)
   train: TrainConfig = TrainConfig()
   joint: JointConfig = JointConfig()
+  sweep: SweepConfig = SweepConfig()
   mesh: MeshConfig = MeshConfig()
 
 
@@ -211,6 +223,8 @@ def validate(cfg: Config) -> Config:
   _positive('train.warmup_steps', t.warmup_steps, allow_zero=True)
   _one_of('train.lr_schedule', t.lr_schedule, LR_SCHEDULES)
   _one_of('train.compute_dtype', t.compute_dtype, ('float32', 'bfloat16'))
+  for name in ('seeds', 'lr', 'k', 'l1_coeff', 'l0_coeff'):
+    sweep_values(cfg.sweep, name)  # parses, or says which key is malformed
   if t.sparse_decode and (cfg.level1.arch != 'topk' or (cfg.level1.k_anneal_frac or 0) > 0
                           or cfg.mode != 'staged'):
     raise ValueError('train.sparse_decode needs level1.arch=topk with a fixed k (no '
@@ -275,6 +289,21 @@ def resolve_sae(sae: SAEConfig, *, d: int, n_latents: int, k: int, steps: int,
                        f'sizes summing to {key}.n_latents = {n}, e.g. "{n // 2},{n - n // 2}"')
   return dataclasses.replace(sae, n_latents=n, k=kk, k_aux=sae.k_aux or max(1, min(n, d // 2)),
                              **changes)
+
+
+def sweep_values(sweep: SweepConfig, name: str) -> list[float]:
+  """The values of one sweep axis ([] when the axis is not swept)."""
+  spec = getattr(sweep, name).strip()
+  if not spec:
+    return []
+  try:
+    values = [float(v) for v in spec.split(',')]
+  except ValueError as e:
+    raise ValueError(f'config key sweep.{name} = {spec!r} must be comma-separated numbers, '
+                     f'e.g. --config.sweep.{name}=1,2,3') from e
+  if name in ('seeds', 'k') and any(v != int(v) for v in values):
+    raise ValueError(f'config key sweep.{name} = {spec!r} must hold integers')
+  return values
 
 
 def matryoshka_groups(spec: str, n: int) -> tuple[int, ...]:

@@ -193,6 +193,10 @@ def run(cd_or_cfg, workdir: str, *, hooks=()) -> dict:
   t_start = time.perf_counter()
   workdir = os.path.abspath(workdir)
   cfg, source, mesh = setup(cd_or_cfg, workdir)
+  if cfg.mode == 'sweep':
+    from csae_jax import sweep  # pylint: disable=g-import-not-at-top  (sweep imports pipeline)
+    return {**sweep.run(cfg, source, mesh, workdir, hooks=hooks),
+            'wall_s': round(time.perf_counter() - t_start, 2)}
   key1, key2 = jax.random.split(jax.random.key(cfg.train.seed))
   t, d = cfg.train, source.d
   x0_bd = first_global_batch(source)

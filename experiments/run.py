@@ -23,6 +23,10 @@ SUMMARY_KEYS = (
 
 
 def summary(metrics: dict, workdir: str) -> str:
+  if metrics['mode'] == 'sweep':
+    from csae_jax import sweep  # pylint: disable=g-import-not-at-top
+    return (f'sweep of {metrics["sweep/n"]} level-1 SAEs done: {workdir}/sweep '
+            f'(results.json, results.md, pareto.png)\n\n' + sweep.table(metrics['sweep/results']))
   lines = [f'CSAE ({metrics["mode"]}) done: {workdir}/export', '']
   for key in SUMMARY_KEYS:
     if key in metrics:

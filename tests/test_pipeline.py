@@ -176,3 +176,18 @@ def test_k_larger_than_dictionary_is_refused(tmp_path):
   _write_arrays(data, [(300, 8)])
   with pytest.raises(ValueError, match=r'level1\.k = 100 is larger than the dictionary'):
     pipeline.run(arrays_cfg(data, **{'level1.k': 100}), str(tmp_path / 'wd'))
+
+
+def test_sweep_mode_trains_a_grid_and_reports_each(tmp_path):
+  m = pipeline.run(small(**{'mode': 'sweep', 'sweep.k': '2,6', 'sweep.seeds': '0,1',
+                            'train.steps': 200}), str(tmp_path))
+  rows = m['sweep/results']
+  assert len(rows) == 4 and {(r['seeds'], r['k']) for r in rows} == {(0, 2), (0, 6), (1, 2),
+                                                                        (1, 6)}
+  by_k = {k: np.mean([r['l0'] for r in rows if r['k'] == k]) for k in (2, 6)}
+  assert by_k[2] < by_k[6]  # each member trained at its own sparsity
+  with open(tmp_path / 'sweep' / 'results.json') as f:
+    assert json.load(f) == rows
+  assert (tmp_path / 'sweep' / 'pareto.png').stat().st_size > 1000
+  with pytest.raises(ValueError, match=r'sweep\.k'):
+    pipeline.run(small(**{'mode': 'sweep', 'sweep.k': '2,x'}), str(tmp_path / 'bad'))

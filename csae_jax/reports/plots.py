@@ -31,6 +31,23 @@ def density_histogram(density_n, path: str, title: str = 'feature density') -> s
   return _save(fig, path)
 
 
+def pareto(rows: list[dict], path: str, title: str = 'sweep') -> str:
+  """FVU against L0, one point per SAE of a sweep (the sparsity / fidelity trade-off)."""
+  fig, ax = plt.subplots(figsize=(5, 3.6))
+  ax.scatter([r['l0'] for r in rows], [r['fvu'] for r in rows], c='tab:blue')
+  for r in rows:
+    label = ', '.join(f'{k}={r[k]:g}' for k in ('k', 'lr', 'seeds') if k in r)
+    ax.annotate(label, (r['l0'], r['fvu']), fontsize=6, xytext=(3, 3),
+                textcoords='offset points')
+  ax.set_xlabel('L0 (held-out)')
+  ax.set_ylabel('FVU (held-out)')
+  ax.set_yscale('log')
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  return _save(fig, path)
+
+
 def _save(fig, path: str) -> str:
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   tmp = path + '.tmp.png'

@@ -19,6 +19,7 @@ import os
 from typing import Callable, Iterable, Iterator, NamedTuple, Protocol
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh
@@ -75,8 +76,8 @@ def fit(*, stage: ckpt_lib.Stage, mesh: Mesh, levels: dict[str, step_lib.LevelSp
         joint: step_lib.JointSpec | None = None,
         before_step: Callable[[int, state_lib.TrainState], state_lib.TrainState] | None = None,
         hooks: Iterable[Callable[[int, state_lib.TrainState], None]] = (),
-        desc: str = '', batch_axes: tuple = ('batch', 'embed'), stacked: bool = False
-        ) -> FitResult:
+        desc: str = '', batch_axes: tuple = ('batch', 'embed'), stacked: bool = False,
+        stack_hparams: dict[str, np.ndarray] | None = None) -> FitResult:
   """Trains to `steps`, resuming from the stage's checkpoint. Returns (state, logged history).
 
   before_step(step, state) -> state runs on the host before the step (joint mode starts level 2
@@ -84,6 +85,7 @@ def fit(*, stage: ckpt_lib.Stage, mesh: Mesh, levels: dict[str, step_lib.LevelSp
   batch_axes: the logical axes of a batch; level 2's small row batches are replicated with
   (None, 'embed'). stacked: init_params returns params with a leading axis R; R independent
   SAEs are trained by a vmapped step on the same batches (metrics are then [R] arrays).
+  stack_hparams: with stacked, per-SAE hyperparameters ([R] arrays, see `step.make_step`).
   """
   create = state_lib.create_stacked if stacked else state_lib.create
   state = create(mesh, init_params(), optimizer)
@@ -92,11 +94,17 @@ def fit(*, stage: ckpt_lib.Stage, mesh: Mesh, levels: dict[str, step_lib.LevelSp
     state = stage.restore(state_lib.abstract(state))
     start = int(np.max(state.step))
   step_fn, trace_count = step_lib.make_step(levels, optimizer, joint)
+  hp, hp_sharding = None, None
   if stacked:
-    step_fn = jax.vmap(step_fn, in_axes=(0, None))
+    in_axes = (0, None) if stack_hparams is None else (0, None, 0)
+    step_fn = jax.vmap(step_fn, in_axes=in_axes)
+  if stack_hparams is not None:
+    hp_sharding = sharding.named(mesh)
+    hp = jax.device_put({k: jnp.asarray(v) for k, v in stack_hparams.items()}, hp_sharding)
   shardings = state_lib.shardings_of(state)
   batch_sharding = sharding.named(mesh, *batch_axes)
-  jstep = step_lib.jit_step(step_fn, shardings, batch_sharding)
+  jstep = step_lib.jit_step(step_fn, shardings, batch_sharding, hp_sharding)
+  step_args = () if hp is None else (hp,)
   history_path = os.path.join(stage.dir, 'history.jsonl')
   history = _load_history(history_path, start)
   if jax.process_index() == 0:
@@ -107,7 +115,7 @@ def fit(*, stage: ckpt_lib.Stage, mesh: Mesh, levels: dict[str, step_lib.LevelSp
   for s, local_bd in prefetch(source.batch, range(start, steps)):
     if before_step is not None:
       state = before_step(s, state)
-    state, metrics = jstep(state, sharding.put_batch(batch_sharding, local_bd))
+    state, metrics = jstep(state, sharding.put_batch(batch_sharding, local_bd), *step_args)
     done = s + 1
     for hook in hooks:
       hook(done, state)

@@ -52,17 +52,23 @@ def _update_level(spec: LevelSpec, st: state_lib.TrainState, name: str, codes_bn
 
 def make_step(levels: dict[str, LevelSpec], optimizer: optax.GradientTransformation,
               joint: JointSpec | None = None):
-  """Returns step(state, batch_bd) -> (state, metrics). One level: an SAE trained on the batch.
-  Two levels with `joint`: CSAE, L = L1(batch) + alpha * L2(live level-1 decoder rows)."""
+  """Returns step(state, batch_bd, hp=None) -> (state, metrics). One level: an SAE trained on
+  the batch. Two levels with `joint`: CSAE, L = L1(batch) + alpha * L2(live level-1 rows).
+
+  hp (sweeps): a dict of traced per-SAE scalars for the data level, vmapped with the stacked
+  state: 'lr_scale' multiplies the Adam update (Adam is linear in its learning rate), the
+  other keys ('k', 'l1_coeff', 'l0_coeff', 'target_l0') replace SAEHyper fields.
+  """
   names = list(levels)
   data_level = names[0]
   trace_count = [0]
   # Archs with unit decoder rows get them renormalised (and the parallel gradient removed).
   unit_decoder = {n: get_arch(s.hyper.arch).unit_decoder for n, s in levels.items()}
 
-  def loss_fn(params, st, batch_bd):
+  def loss_fn(params, st, batch_bd, hp):
     s1 = levels[data_level]
-    out1 = objective.sae_loss(s1.hyper, params[data_level], st.since_fired[data_level], batch_bd,
+    hyper1 = s1.hyper._replace(**{k: v for k, v in hp.items() if k != 'lr_scale'})
+    out1 = objective.sae_loss(hyper1, params[data_level], st.since_fired[data_level], batch_bd,
                               st.step)
     metrics = {f'{data_level}/{k}': v for k, v in out1._asdict().items() if k != 'codes_bn'}
     aux = {data_level: (out1.codes_bn, None)}
@@ -84,14 +90,17 @@ def make_step(levels: dict[str, LevelSpec], optimizer: optax.GradientTransformat
     metrics['loss'] = total
     return total, (metrics, aux)
 
-  def step(st: state_lib.TrainState, batch_bd: jax.Array):
+  def step(st: state_lib.TrainState, batch_bd: jax.Array, hp: dict | None = None):
     trace_count[0] += 1  # Python side effect: runs once per trace (the compile guard reads it)
+    hp = hp or {}
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (_, (metrics, aux)), grads = grad_fn(st.params, st, batch_bd)
+    (_, (metrics, aux)), grads = grad_fn(st.params, st, batch_bd, hp)
     grads = {n: ({**g, 'w_dec': common.remove_parallel_grad(g['w_dec'], st.params[n]['w_dec'])}
                  if unit_decoder[n] else g) for n, g in grads.items()}
     metrics['grad_norm'] = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, st.opt_state, st.params)
+    if 'lr_scale' in hp:
+      updates = jax.tree.map(lambda u: u * hp['lr_scale'], updates)
     params = optax.apply_updates(st.params, updates)
     params = {n: ({**p, 'w_dec': common.normalize_rows(p['w_dec'])} if unit_decoder[n] else p)
               for n, p in params.items()}
@@ -118,7 +127,11 @@ def make_step(levels: dict[str, LevelSpec], optimizer: optax.GradientTransformat
   return step, trace_count
 
 
-def jit_step(step_fn, state_shardings, batch_sharding):
-  """jit with explicit shardings and the state donated (no second copy of a big dictionary)."""
-  return jax.jit(step_fn, in_shardings=(state_shardings, batch_sharding),
-                 out_shardings=(state_shardings, None), donate_argnums=(0,))
+def jit_step(step_fn, state_shardings, batch_sharding, hp_sharding=None):
+  """jit with explicit shardings and the state donated (no second copy of a big dictionary).
+  With hp_sharding, the step takes per-SAE hyperparameters as a third argument (sweeps)."""
+  in_shardings = (state_shardings, batch_sharding)
+  if hp_sharding is not None:
+    in_shardings += (hp_sharding,)
+  return jax.jit(step_fn, in_shardings=in_shardings, out_shardings=(state_shardings, None),
+                 donate_argnums=(0,))

@@ -30,6 +30,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   # 'staged': level 1 trains and checkpoints, then level 2 trains on its frozen decoder rows
   # (the design card; a meta-SAE). 'joint': one objective L1 + alpha * L2 (the paper's method).
+  # 'sweep': a grid of level-1 SAEs (see `sweep` below), no level 2.
   c.mode = 'staged'
   # Reuse nothing from a workdir whose checkpoints were made with another config: the run
   # refuses unless this is True, in which case the stale stage directories are deleted.
@@ -141,6 +142,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 'none': L2's gradient reaches the level-1 decoder (the paper); 'partial': not through the
   # level-2 encoder input; 'bilateral': neither through the input nor the target.
   c.joint.stop_gradient = 'none'
+
+  # mode='sweep': train a grid of level-1 SAEs on the same batches in one vmapped step and
+  # report each (FVU, L0, dead, ground-truth recovery). Comma-separated values; '' = not swept.
+  # e.g. --config.mode=sweep --config.sweep.k=2,4,8 --config.sweep.lr=1e-3,3e-3
+  c.sweep = ml_collections.ConfigDict()
+  c.sweep.seeds = ''
+  c.sweep.lr = ''
+  c.sweep.k = ''              # TopK / BatchTopK / Matryoshka k (jumprelu: its target L0)
+  c.sweep.l1_coeff = ''       # relu_l1
+  c.sweep.l0_coeff = ''       # jumprelu
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1               # devices along the batch axis; -1 = all that remain

@@ -123,3 +123,31 @@ def test_bfloat16_compute_keeps_float32_state_and_tracks_float32_loss():
   # bf16 matmuls (8-bit mantissa) change the loss by well under 5% on this problem
   assert float(m16['loss']) == pytest.approx(float(m32['loss']), rel=0.05)
   assert float(m16['loss']) != float(m32['loss'])  # the bf16 path really ran
+
+
+def test_vmapped_sweep_member_equals_its_own_single_run():
+  """A stacked sweep (per-SAE lr and k as traced hyperparameters) trains each member exactly
+  as a separate run with that lr and k would."""
+  mesh = sharding.make_mesh(config_lib.MeshConfig(), devices=jax.devices()[:1])
+  spec = _spec(k=4)
+  steps, lrs, ks = 8, (1e-2, 3e-3), (4, 2)
+  x0 = next(_batches(1))
+  init = lambda key: pipeline.init_sae(key, config_lib.SAEConfig(
+      n_latents=N, decoder_init='random'), x0)
+  keys = (jax.random.key(0), jax.random.key(1))
+  opt = optim.make_optimizer(1e-2, steps, 2, 0.8, 1.0)
+  stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *[init(k) for k in keys])
+  st = state_lib.create_stacked(mesh, {'level1': stacked}, opt)
+  fn, _ = step_lib.make_step({'level1': spec}, opt)
+  hp = {'lr_scale': jnp.asarray([lr / 1e-2 for lr in lrs]), 'k': jnp.asarray(ks, jnp.int32)}
+  vstep = jax.jit(jax.vmap(fn, in_axes=(0, None, 0)))
+  for x in _batches(steps):
+    st, _ = vstep(st, jnp.asarray(x), hp)
+  for r, (key, lr, k) in enumerate(zip(keys, lrs, ks)):
+    single_opt = optim.make_optimizer(lr, steps, 2, 0.8, 1.0)
+    s1 = state_lib.create(mesh, {'level1': init(key)}, single_opt)
+    f1 = jax.jit(step_lib.make_step({'level1': _spec(k=k)}, single_opt)[0])
+    for x in _batches(steps):
+      s1, _ = f1(s1, jnp.asarray(x))
+    for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(st.params)):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b)[r], rtol=2e-4, atol=2e-6)
