@@ -141,3 +141,13 @@ def test_sparse_gather_decoding_matches_dense_topk():
     np.testing.assert_allclose(np.asarray(gd[key]), np.asarray(gs[key]), rtol=1e-4, atol=1e-6)
   out = objective.sae_loss(h._replace(sparse_decode=True), params, since, x, 5)
   assert np.all(np.sum(np.asarray(out.codes_bn) > 0, -1) <= 4)
+
+
+def test_batch_topk_threshold_encode_matches_training_l0_within_10_percent(tmp_path):
+  """Exported BatchTopK = JumpReLU with the learned threshold: on held-out inputs its L0 is
+  within 10% of the training k."""
+  c = _small()
+  c.train.steps = 1200
+  cfg, source, mesh = pipeline.setup(c, str(tmp_path))
+  _, _, ev, _ = pipeline.train_level1(cfg, source, mesh, str(tmp_path))
+  assert abs(ev['l0'] - cfg.level1.k) / cfg.level1.k < 0.1, ev['l0']
