@@ -116,7 +116,8 @@ def prepare_data(args, work: str) -> dict:
   if os.path.exists(meta_path) and json.load(open(meta_path)).get('key') == key:
     log(f'reusing the activations in {data_dir}')
     return json.load(open(meta_path))
-  shutil.rmtree(work, ignore_errors=True)
+  shutil.rmtree(data_dir, ignore_errors=True)  # only what this script wrote there
+  os.makedirs(work, exist_ok=True)
   t0 = time.perf_counter()
   src = synthetic.SyntheticSource(syn, batch_size=args.batch_size, seed=args.seed)
   src.write(data_dir, n_rows)
@@ -172,6 +173,31 @@ def evaluate_np(w, x_nd: np.ndarray, *, rule: str, k: int, threshold=None,
           'n_rows': len(x_nd)}
 
 
+def calibrated_threshold(w, x_nd: np.ndarray, k: int, chunk: int = 2048) -> float:
+  """The threshold at which a BatchTopK SAE fires exactly k latents per row on average over
+  x_nd (batch top-k over the whole held-out set): an equal-L0 comparison that does not depend on
+  how well each library estimated its inference threshold during training."""
+  w_enc, b_enc = np.asarray(w['w_enc'], np.float32), np.asarray(w['b_enc'], np.float32)
+  b_dec = np.asarray(w['b_dec'], np.float32)
+  pre = np.concatenate([((x_nd[lo:lo + chunk] - b_dec) @ w_enc + b_enc).ravel()
+                        for lo in range(0, len(x_nd), chunk)])
+  m = k * len(x_nd)
+  # strictly above the (m+1)-th largest value: exactly m latents fire (ties have measure 0)
+  return float(max(np.partition(pre, len(pre) - m - 1)[len(pre) - m - 1], 0.0))
+
+
+def shared_eval(w, x_nd: np.ndarray, arch: str, k: int, threshold=None) -> dict:
+  """The library's inference rule, plus (BatchTopK) the held-out-calibrated equal-L0 variant."""
+  if arch == 'topk':
+    out = evaluate_np(w, x_nd, rule='topk', k=k)
+    return {**out, 'fvu_at_k': out['fvu'], 'dead_frac_at_k': out['dead_frac']}
+  out = evaluate_np(w, x_nd, rule='threshold', k=k, threshold=threshold)
+  thr_k = calibrated_threshold(w, x_nd, k)
+  at_k = evaluate_np(w, x_nd, rule='threshold', k=k, threshold=thr_k)
+  return {**out, 'fvu_at_k': at_k['fvu'], 'l0_at_k': at_k['l0'],
+          'dead_frac_at_k': at_k['dead_frac'], 'threshold_at_k': thr_k}
+
+
 # ---------------------------------------------------------------------------------------------
 # The two sides
 
@@ -204,6 +230,12 @@ def run_ours(args, arch: str, meta: dict, x_eval: np.ndarray) -> dict:
   cd.train.lr = args.lr
   cd.train.seed = args.seed
   cd.train.checkpoint_every = args.steps  # one save, at the end (SAELens saves nothing)
+  # Pinned to the settings SAELens is given (and that were measured), whatever the defaults
+  # become: the linear-decay schedule, float32 compute, dense decoding.
+  for key, value in (('lr_schedule', 'linear_decay'), ('compute_dtype', 'float32'),
+                     ('sparse_decode', False)):
+    if key in cd.train:
+      cd.train[key] = value
   workdir = tempfile.mkdtemp(prefix=f'peer_ours_{arch}_')  # fresh: nothing to resume
   try:
     cfg, source, mesh = pipeline.setup(cd, workdir)
@@ -223,8 +255,7 @@ def run_ours(args, arch: str, meta: dict, x_eval: np.ndarray) -> dict:
   if s1.dead_tokens != schedule(args)['dead_tokens']:
     raise RuntimeError(f'csae_jax resolved dead_tokens={s1.dead_tokens}, the benchmark assumed '
                        f'{schedule(args)["dead_tokens"]}; update schedule()')
-  rule = 'topk' if arch == 'topk' else 'threshold'
-  shared = evaluate_np(p, x_eval, rule=rule, k=args.k, threshold=thr)
+  shared = shared_eval(p, x_eval, arch, args.k, thr)
   out = {'library': 'csae_jax', 'arch': arch, 'wall_s': wall, **shared,
          'own_eval': {k: ev[k] for k in ('fvu', 'l0', 'dead_frac', 'n_rows')},
          'threshold': thr if arch != 'topk' else None,
@@ -252,10 +283,7 @@ def run_saelens(args, arch: str, work: str, x_eval: np.ndarray) -> dict:
   subprocess.run(cmd, check=True)
   m = json.load(open(os.path.join(out_dir, 'metrics.json')))
   w = dict(np.load(os.path.join(out_dir, 'weights.npz')))
-  if arch == 'topk':
-    shared = evaluate_np(w, x_eval, rule='topk', k=args.k)
-  else:
-    shared = evaluate_np(w, x_eval, rule='threshold', k=args.k, threshold=w['threshold'])
+  shared = shared_eval(w, x_eval, arch, args.k, w.get('threshold'))
   out = {'library': 'sae_lens', 'arch': arch, 'wall_s': m['wall_s'], **shared,
          'own_eval': m['own_eval'], 'threshold': m.get('threshold'),
          'train_dead_frac': m['trainer_dead_frac'], 'inference_class': m['inference_class'],
@@ -277,11 +305,19 @@ def verdicts(rows: list[dict], k: int) -> list[dict]:
     peer = next((r for r in rows if r['arch'] == arch and r['library'] == 'sae_lens'), None)
     if ours is None or peer is None:
       continue
+    # Under each library's own inference rule: no worse FVU (+ margin), bought with no more
+    # active latents (L0 at most SAELens's + tolerance: a lower L0 only makes FVU harder), and no
+    # more never-firing latents on the held-out rows ...
     fvu_ok = ours['fvu'] <= peer['fvu'] + FVU_MARGIN
+    l0_ok = ours['l0'] <= peer['l0'] + L0_TOLERANCE * k
     dead_ok = ours['dead_frac'] <= peer['dead_frac']
-    l0_ok = abs(ours['l0'] - peer['l0']) <= L0_TOLERANCE * k
-    out.append({'arch': arch, 'pass': bool(fvu_ok and dead_ok and l0_ok), 'fvu_ok': bool(fvu_ok),
-                'dead_ok': bool(dead_ok), 'l0_equal': bool(l0_ok),
+    # ... and at exactly equal L0 (= k): TopK by construction; BatchTopK with both thresholds
+    # calibrated on the held-out rows, so neither library's threshold estimate decides it.
+    at_k_ok = ours['fvu_at_k'] <= peer['fvu_at_k'] + FVU_MARGIN
+    out.append({'arch': arch, 'pass': bool(fvu_ok and l0_ok and dead_ok and at_k_ok),
+                'fvu_ok': bool(fvu_ok), 'dead_ok': bool(dead_ok), 'l0_ok': bool(l0_ok),
+                'fvu_at_k_ok': bool(at_k_ok),
+                'fvu_at_k_ours': ours['fvu_at_k'], 'fvu_at_k_saelens': peer['fvu_at_k'],
                 'fvu_ours': ours['fvu'], 'fvu_saelens': peer['fvu'],
                 'dead_ours': ours['dead_frac'], 'dead_saelens': peer['dead_frac'],
                 'l0_ours': ours['l0'], 'l0_saelens': peer['l0']})
@@ -289,11 +325,13 @@ def verdicts(rows: list[dict], k: int) -> list[dict]:
 
 
 def markdown(rows: list[dict], checks: list[dict], info: dict) -> str:
-  lines = ['| arch | library | FVU | L0 | dead frac | wall s | own-eval FVU | train dead frac |',
-           '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |']
+  lines = ['| arch | library | FVU | L0 | dead frac | wall s | FVU at L0=k | '
+           'own-eval FVU / L0 | train dead frac |',
+           '| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
   for r in rows:
     lines.append(f"| {r['arch']} | {r['library']} | {r['fvu']:.4f} | {r['l0']:.2f} | "
-                 f"{r['dead_frac']:.4f} | {r['wall_s']:.1f} | {r['own_eval']['fvu']:.4f} | "
+                 f"{r['dead_frac']:.4f} | {r['wall_s']:.1f} | {r['fvu_at_k']:.4f} | "
+                 f"{r['own_eval']['fvu']:.4f} / {r['own_eval']['l0']:.2f} | "
                  f"{r['train_dead_frac']:.4f} |")
   lines.append('')
   for c in checks:
@@ -302,20 +340,36 @@ def markdown(rows: list[dict], checks: list[dict], info: dict) -> str:
                f"{'ok' if c['fvu_ok'] else 'NO'}")
     why.append(f"dead {c['dead_ours']:.4f} vs {c['dead_saelens']:.4f}: "
                f"{'ok' if c['dead_ok'] else 'NO'}")
-    why.append(f"L0 {c['l0_ours']:.2f} vs {c['l0_saelens']:.2f} (within {L0_TOLERANCE:.0%} of k): "
-               f"{'ok' if c['l0_equal'] else 'NO'}")
+    why.append(f"L0 {c['l0_ours']:.2f} vs {c['l0_saelens']:.2f} + {L0_TOLERANCE:.0%} of k: "
+               f"{'ok' if c['l0_ok'] else 'NO'}")
+    if c['arch'] != 'topk':
+      why.append(f"at L0 = k (thresholds calibrated on the held-out rows): FVU "
+                 f"{c['fvu_at_k_ours']:.4f} vs {c['fvu_at_k_saelens']:.4f} + {FVU_MARGIN}: "
+                 f"{'ok' if c['fvu_at_k_ok'] else 'NO'}")
     lines.append(f"- **{c['arch']}: {'PASS' if c['pass'] else 'FAIL'}** — " + '; '.join(why))
   lines.append('')
   lines.append(f"Settings: {json.dumps(info['settings'])}  ")
-  lines.append(f"Versions: {json.dumps(info['versions'])}  ")
-  lines.append(f"Date: {info['date']}; machine: {info['machine']}")
+  lines.append(f"Versions: {json.dumps(info['versions'])}; csae_jax commit "
+               f"{info['git']['commit']}{' (package modified)' if info['git']['package_dirty'] else ''}  ")
+  lines.append(f"Date: {info['date']}; machine: {info['machine']}; load average at start / end: "
+               f"{info['load_start']} / {info['load_end']}; total {info['total_wall_s']:.0f} s  ")
+  lines.append(f"Command: `{info['command']}`")
   return '\n'.join(lines) + '\n'
+
+
+def git_state() -> dict:
+  """The commit measured, and whether the package or configs differed from it."""
+  def git(*a):
+    r = subprocess.run(['git', '-C', ROOT, *a], capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else ''
+  dirty = git('status', '--porcelain', '--', 'csae_jax', 'experiments')
+  return {'commit': git('rev-parse', '--short', 'HEAD'), 'package_dirty': bool(dirty)}
 
 
 def parse():
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument('--steps', type=int, default=600, help='optimiser steps (both libraries)')
+  p.add_argument('--steps', type=int, default=700, help='optimiser steps (both libraries)')
   p.add_argument('--batch_size', type=int, default=1024, help='inputs per step (both)')
   p.add_argument('--lr', type=float, default=2e-3, help='peak Adam LR (both; csae_jax default)')
   p.add_argument('--out', default=os.path.join(HERE, 'results'), help='results directory')
@@ -331,8 +385,9 @@ def parse():
                       "(its own default is 1000 steps)")
   p.add_argument('--archs', default='topk,batch_topk')
   p.add_argument('--libs', default='ours,saelens')
-  p.add_argument('--work', default='', help='scratch dir for data and SAELens outputs '
-                                            '(default: <out>/_work, reused when it matches)')
+  p.add_argument('--work', default='', help='scratch dir for the activations and SAELens outputs, '
+                                            'kept and reused when it matches (default: a temp dir, '
+                                            'deleted at the end; regenerating takes seconds)')
   return p.parse_args()
 
 
@@ -344,8 +399,12 @@ def main():
     if a not in ARCHS:
       raise SystemExit(f'--archs: unknown {a!r}; known: {", ".join(ARCHS)}')
   os.makedirs(args.out, exist_ok=True)
-  work = os.path.abspath(args.work or os.path.join(args.out, '_work'))
+  work = os.path.abspath(args.work) if args.work else tempfile.mkdtemp(prefix='peer_quality_')
   t_start = time.perf_counter()
+  load_start = [round(v, 2) for v in os.getloadavg()]
+  if load_start[0] > 0.5 * (os.cpu_count() or 1):
+    log(f'WARNING: load average {load_start} on {os.cpu_count()} cores: other processes share '
+        f'the CPU, so wall times are inflated (the quality numbers are not affected)')
   versions = {'python': platform.python_version()}
   if 'saelens' in libs:
     versions.update(ensure_saelens_venv())
@@ -365,19 +424,22 @@ def main():
   info = {'date': datetime.datetime.now().strftime('%Y-%m-%d %H:%M'),
           'machine': f'{platform.machine()}, {os.cpu_count()} CPU cores',
           'command': 'python ' + ' '.join([os.path.relpath(__file__, ROOT)] + sys.argv[1:]),
-          'versions': versions,
+          'versions': versions, 'git': git_state(),
           'settings': {'d': args.d, 'n_latents': args.n_latents, 'k': args.k,
                        'steps': args.steps, 'batch_size': args.batch_size, 'lr': args.lr,
                        'tokens': args.steps * args.batch_size, 'eval_rows': meta['n_eval'],
                        'true_atoms': meta['true_atoms'], **sched,
                        'saelens_dead_window_steps': args.saelens_dead_window
                        or sched['dead_steps']},
-          'total_wall_s': round(time.perf_counter() - t_start, 1)}
+          'total_wall_s': round(time.perf_counter() - t_start, 1),
+          'load_start': load_start, 'load_end': [round(v, 2) for v in os.getloadavg()]}
   md = markdown(rows, checks, info)
   with open(os.path.join(args.out, 'peer_quality.json'), 'w') as f:
     json.dump({**info, 'rows': rows, 'checks': checks}, f, indent=1, default=float)
   with open(os.path.join(args.out, 'peer_quality.md'), 'w') as f:
     f.write(md)
+  if not args.work:
+    shutil.rmtree(work, ignore_errors=True)
   print('\n' + md)
   log(f'total {info["total_wall_s"]:.0f}s; wrote {args.out}/peer_quality.json and .md')
 
