@@ -11,7 +11,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from csae_jax.saes import topk
+from csae_jax.saes import batch_topk, topk
 
 
 def dense_loss(w_dec, acts, x, k):
@@ -22,6 +22,18 @@ def dense_loss(w_dec, acts, x, k):
 def sparse_loss(w_dec, acts, x, k):
   vals, idx = jax.lax.top_k(acts, k)                      # [B, k]
   x_hat = jnp.einsum('bk,bkd->bd', vals, w_dec[idx])      # gathers B * k rows: O(B k d)
+  return jnp.mean(jnp.sum((x_hat - x) ** 2, -1))
+
+
+def dense_batch_loss(w_dec, acts, x, k):
+  codes = batch_topk.train_codes(acts, k)
+  return jnp.mean(jnp.sum((codes @ w_dec - x) ** 2, -1))
+
+
+def sparse_batch_loss(w_dec, acts, x, k):
+  b, n = acts.shape
+  vals, flat = jax.lax.top_k(acts.reshape(-1), k * b)     # the k*B selected pairs
+  x_hat = jax.ops.segment_sum(vals[:, None] * w_dec[flat % n], flat // n, num_segments=b)
   return jnp.mean(jnp.sum((x_hat - x) ** 2, -1))
 
 
@@ -47,9 +59,13 @@ def main():
   x = jax.random.normal(keys[2], (a.batch, a.d))
   t_dense = bench(dense_loss, w_dec, acts, x, a.k)
   t_sparse = bench(sparse_loss, w_dec, acts, x, a.k)
-  print(f'{jax.devices()[0].platform}: B={a.batch} n={a.n} d={a.d} k={a.k}  '
-        f'dense {t_dense * 1e3:.2f} ms, sparse (gather) {t_sparse * 1e3:.2f} ms, '
-        f'sparse/dense = {t_sparse / t_dense:.2f}')
+  b_dense = bench(dense_batch_loss, w_dec, acts, x, a.k)
+  b_sparse = bench(sparse_batch_loss, w_dec, acts, x, a.k)
+  print(f'{jax.devices()[0].platform}: B={a.batch} n={a.n} d={a.d} k={a.k}\n'
+        f'  topk:       dense {t_dense * 1e3:.2f} ms, sparse (gather) {t_sparse * 1e3:.2f} ms, '
+        f'sparse/dense = {t_sparse / t_dense:.2f}\n'
+        f'  batch_topk: dense {b_dense * 1e3:.2f} ms, sparse (gather) {b_sparse * 1e3:.2f} ms, '
+        f'sparse/dense = {b_sparse / b_dense:.2f}')
 
 
 if __name__ == '__main__':

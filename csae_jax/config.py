@@ -225,11 +225,11 @@ def validate(cfg: Config) -> Config:
   _one_of('train.compute_dtype', t.compute_dtype, ('float32', 'bfloat16'))
   for name in ('seeds', 'lr', 'k', 'l1_coeff', 'l0_coeff'):
     sweep_values(cfg.sweep, name)  # parses, or says which key is malformed
-  if t.sparse_decode and (cfg.level1.arch != 'topk' or (cfg.level1.k_anneal_frac or 0) > 0
-                          or cfg.mode != 'staged'):
-    raise ValueError('train.sparse_decode needs level1.arch=topk with a fixed k (no '
-                     'k_anneal_frac) in staged mode: BatchTopK and annealed k select a varying '
-                     'number of rows per input; set --config.train.sparse_decode=False')
+  if t.sparse_decode and (cfg.level1.arch not in ('topk', 'batch_topk', 'matryoshka')
+                          or (cfg.level1.k_anneal_frac or 0) > 0 or cfg.mode != 'staged'):
+    raise ValueError('train.sparse_decode needs a k-sparse level1.arch (topk, batch_topk, '
+                     'matryoshka) with a fixed k (no k_anneal_frac) in staged mode; set '
+                     '--config.train.sparse_decode=False')
   if not 0 < t.decay_start <= 1:
     raise ValueError(f'config key train.decay_start must be in (0, 1], got {t.decay_start}')
   _positive('joint.alpha', cfg.joint.alpha, allow_zero=True)

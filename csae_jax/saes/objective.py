@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float
 
 from csae_jax import saes
@@ -101,17 +102,37 @@ def sae_loss(h: SAEHyper, params: common.Params, since_fired_n, x_bd: Float[Arra
   # params (gradients flow back to them in float32); selection, thresholds and losses in float32.
   cparams = _cast(params, h.compute_dtype)
   acts_bn = common.pre_acts(cparams, x_bd.astype(h.compute_dtype)).astype(jnp.float32)
-  if h.sparse_decode:  # TopK with a static k: gather the k rows instead of a dense matmul
+  sparse_prefixes = None
+  if h.sparse_decode and h.arch == 'topk':  # static k: gather each input's k rows
     vals_bk, idx_bk = jax.lax.top_k(acts_bn, h.k)
     x_hat_bd = (gather_decode(cparams['w_dec'], vals_bk.astype(h.compute_dtype), idx_bk)
                 + cparams['b_dec']).astype(jnp.float32)
     codes_bn = jax.lax.stop_gradient(_scatter(vals_bk, idx_bk, acts_bn.shape[-1]))  # statistics
+  elif h.sparse_decode:  # batch_topk / matryoshka: the k*B selected (input, latent) pairs
+    b, n = acts_bn.shape
+    vals_s, flat_s = jax.lax.top_k(acts_bn.reshape(-1), h.k * b)
+    vals_s = jnp.where(vals_s > 0, vals_s, 0.0)
+    rows_s, cols_s = flat_s // n, flat_s % n
+    contrib_sd = (vals_s.astype(h.compute_dtype)[:, None] * cparams['w_dec'][cols_s]
+                  ).astype(jnp.float32)
+    decode_rows = lambda c_sd: jax.ops.segment_sum(c_sd, rows_s, num_segments=b) + params['b_dec']
+    x_hat_bd = decode_rows(contrib_sd)
+    codes_bn = jax.lax.stop_gradient(
+        jnp.zeros(b * n, jnp.float32).at[flat_s].set(vals_s).reshape(b, n))
+    if h.arch == 'matryoshka':  # prefix reconstructions from the same selected pairs
+      bounds = np.cumsum(h.groups)
+      sparse_prefixes = jnp.stack([
+          jnp.mean(jnp.sum((decode_rows(contrib_sd * (cols_s < m)[:, None]) - target_bd) ** 2,
+                           -1)) for m in bounds])
   else:
     codes_bn = arch.train_codes(params, acts_bn, k_at(h, step), valid_b, h)
     x_hat_bd = common.decode(cparams, codes_bn.astype(h.compute_dtype)).astype(jnp.float32)
   recon = base.masked_mean(jnp.sum((x_hat_bd - target_bd) ** 2, -1), valid_b)
-  train_recon = recon if arch.recon_loss is None else arch.recon_loss(
-      params, codes_bn, target_bd, valid_b, h)
+  if sparse_prefixes is not None:
+    train_recon = jnp.mean(sparse_prefixes)
+  else:
+    train_recon = recon if arch.recon_loss is None else arch.recon_loss(
+        params, codes_bn, target_bd, valid_b, h)
   sparsity = arch.sparsity_loss(params, acts_bn, codes_bn, h, step, valid_b)
   var = base.masked_mean(jnp.sum((target_bd - jnp.mean(target_bd, 0)) ** 2, -1), valid_b)
   aux = jnp.zeros(())

@@ -151,3 +151,22 @@ def test_batch_topk_threshold_encode_matches_training_l0_within_10_percent(tmp_p
   cfg, source, mesh = pipeline.setup(c, str(tmp_path))
   _, _, ev, _ = pipeline.train_level1(cfg, source, mesh, str(tmp_path))
   assert abs(ev['l0'] - cfg.level1.k) / cfg.level1.k < 0.1, ev['l0']
+
+
+@pytest.mark.parametrize('arch', ['batch_topk', 'matryoshka'])
+def test_sparse_decoding_matches_dense_for_batch_level_selection(arch):
+  params = common.init_params(jax.random.key(0), 12, 40)
+  params['b_dec'] = jnp.linspace(-1, 1, 12)
+  x = jax.random.normal(jax.random.key(1), (16, 12))
+  since = jnp.where(jnp.arange(40) < 30, 0, 10**6)
+  h = _hyper(arch=arch, k=3, k_aux=6, auxk_weight=1 / 32, dead_tokens=100, d=12,
+             groups=(10, 30))
+  dense = jax.value_and_grad(lambda p: objective.sae_loss(h, p, since, x, 5).loss)
+  sparse = jax.value_and_grad(
+      lambda p: objective.sae_loss(h._replace(sparse_decode=True), p, since, x, 5).loss)
+  (ld, gd), (ls, gs) = dense(params), sparse(params)
+  assert float(ld) == pytest.approx(float(ls), rel=1e-5)
+  for key in ('w_enc', 'b_enc', 'w_dec', 'b_dec'):
+    np.testing.assert_allclose(np.asarray(gd[key]), np.asarray(gs[key]), rtol=1e-4, atol=1e-6)
+  out = objective.sae_loss(h._replace(sparse_decode=True), params, since, x, 5)
+  assert int(np.sum(np.asarray(out.codes_bn) > 0)) == 3 * 16
