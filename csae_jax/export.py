@@ -61,17 +61,26 @@ def load_sae(path: str) -> tuple[dict, float, str, int]:
 
 
 def write(export_dir: str, *, level1: dict, level1_threshold: float, level1_arch: str,
-          level1_k: int, scale: float, level2: dict, level2_threshold: float, level2_arch: str,
-          level2_k: int, hierarchy: dict, metrics: dict) -> None:
+          level1_k: int, scale: float, level2: dict | None, level2_threshold: float = -1.0,
+          level2_arch: str = '', level2_k: int = 0, hierarchy: dict, metrics: dict,
+          level2_decoder_md: np.ndarray | None = None, level2_scale: float = 1.0) -> None:
+  """level2=None: a method without a level-2 SAE (clustering of decoder rows) gives its concept
+  directions as `level2_decoder_md` instead. level2_scale: the scale of level 2's inputs (1 for
+  CSAE's unit decoder rows; the input scale for a flat SAE on activations)."""
   if jax.process_index() != 0:
     return
   os.makedirs(export_dir, exist_ok=True)
   p1, thr1 = fold_scale(level1, level1_threshold, scale)
-  p2, thr2 = fold_scale(level2, level2_threshold, 1.0)
   _save_npy(os.path.join(export_dir, 'level1_decoder.npy'), p1['w_dec'])
-  _save_npy(os.path.join(export_dir, 'level2_decoder.npy'), p2['w_dec'])
   _save_sae(os.path.join(export_dir, 'level1_sae.npz'), p1, thr1, level1_arch, level1_k)
-  _save_sae(os.path.join(export_dir, 'level2_sae.npz'), p2, thr2, level2_arch, level2_k)
+  if level2 is not None:
+    p2, thr2 = fold_scale(level2, level2_threshold, level2_scale)
+    _save_npy(os.path.join(export_dir, 'level2_decoder.npy'), p2['w_dec'])
+    _save_sae(os.path.join(export_dir, 'level2_sae.npz'), p2, thr2, level2_arch, level2_k)
+  elif level2_decoder_md is not None:
+    rows_md = np.asarray(level2_decoder_md, np.float32)
+    rows_md = rows_md / np.maximum(np.linalg.norm(rows_md, axis=1, keepdims=True), 1e-12)
+    _save_npy(os.path.join(export_dir, 'level2_decoder.npy'), rows_md)
   ckpt_lib.write_json_atomic(os.path.join(export_dir, 'hierarchy.json'), hierarchy)
   ckpt_lib.write_json_atomic(os.path.join(export_dir, 'metrics.json'),
                              {'schema_version': SCHEMA_VERSION, **metrics})

@@ -235,12 +235,16 @@ class ArraySource:
     ids_b = self.global_indices(step)[self.process_index * per:(self.process_index + 1) * per]
     return self._read_scaled(ids_b)
 
+  def eval_row_ids(self, max_rows: int) -> np.ndarray:
+    """Global ids of the held-out rows in `eval_batches` order (to look up a row's image and
+    patch in a harvest's index.npz)."""
+    return np.array([self._eval_ds[i] for i in range(min(max_rows, self.n_eval))], np.int64)
+
   def eval_batches(self, max_rows: int, batch_size: int) -> Iterator[np.ndarray]:
     """Held-out rows, scaled float32, fixed order, at most `max_rows` total (last may be short)."""
-    n = min(max_rows, self.n_eval)
-    for lo in range(0, n, batch_size):
-      ids_b = np.array([self._eval_ds[i] for i in range(lo, min(lo + batch_size, n))], np.int64)
-      yield self._read_scaled(ids_b)
+    ids_n = self.eval_row_ids(max_rows)
+    for lo in range(0, len(ids_n), batch_size):
+      yield self._read_scaled(ids_n[lo:lo + batch_size])
 
   # ---- statistics ------------------------------------------------------------------------------
   def _compute_scale(self, norm_sample_rows: int) -> float:

@@ -105,10 +105,18 @@ class SyntheticSource:
     return self.global_batch(step)[self.process_index * per:(self.process_index + 1) * per]
 
   def eval_batches(self, max_rows: int, batch_size: int) -> Iterator[np.ndarray]:
+    for x_bd, _, _ in self.eval_samples(max_rows, batch_size):
+      yield x_bd
+
+  def eval_samples(self, max_rows: int, batch_size: int
+                   ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Held-out (x_bd normalised, child_coef_bc, parent_active_bk): the inputs of
+    `eval_batches` with their ground truth (parent detection, synthetic HMS)."""
     for i, start in enumerate(range(0, max_rows, batch_size)):
       n = min(batch_size, max_rows - start)
       rng = np.random.default_rng([self.seed, _EVAL_STREAM + i])
-      yield self.sample(rng, n)[0] * np.float32(self.scale)
+      x_bd, coef_bc, active_bk = self.sample(rng, n)
+      yield x_bd * np.float32(self.scale), coef_bc, active_bk
 
   def manifest(self) -> dict:
     return {'kind': 'synthetic', 'config': dataclasses.asdict(self.cfg), 'd': self.d,

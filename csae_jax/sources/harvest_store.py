@@ -1,0 +1,85 @@
+"""The on-disk side of harvesting: one folder per site, written chunk by chunk, resumable.
+
+    <workdir>/activations/<site with '/' -> '_'>/
+        shard_00000.npy ...   [n_tokens, d] activations of the chunk's images (export format)
+        shard_00000.idx.npz   the chunk's rows: image_id, token_index, row, col
+        index.npz             all rows, aligned with the shards in name order (written at the end)
+        images.json           image_id -> {"file": key, "label": label or null}
+        manifest.json         what made it (model, site, image size, prompt, images, chunking)
+
+A chunk is complete when its shard and its .idx.npz exist (both written to a temporary name and
+renamed), so a killed harvest restarts at its first incomplete chunk. `ArraySource` reads only
+`.npy`/`.safetensors`, so the folder is directly a `--config.data.path` of the CSAE run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+
+from csae_jax import checkpoint as ckpt_lib
+
+SCHEMA_VERSION = 1
+
+
+def site_dirname(site: str) -> str:
+  return site.replace('/', '_')
+
+
+class SiteStore:
+  """Chunked writer for one site's activations."""
+
+  def __init__(self, root: str, site: str, manifest: dict, *, overwrite: bool):
+    self.dir = os.path.join(root, site_dirname(site))
+    path = os.path.join(self.dir, 'manifest.json')
+    want = {'schema_version': SCHEMA_VERSION, 'site': site, **manifest}
+    if os.path.exists(path):
+      have = ckpt_lib.read_json(path)
+      if have != want:
+        if not overwrite:
+          diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+          raise ValueError(f'{self.dir} holds a harvest made with other settings (differs in '
+                           f'{diff}); use another --workdir, or --config.overwrite=True to '
+                           f'delete it and start again')
+        shutil.rmtree(self.dir)
+    os.makedirs(self.dir, exist_ok=True)
+    ckpt_lib.write_json_atomic(path, want)
+
+  def _paths(self, chunk: int) -> tuple[str, str]:
+    return (os.path.join(self.dir, f'shard_{chunk:05d}.npy'),
+            os.path.join(self.dir, f'shard_{chunk:05d}.idx.npz'))
+
+  def done(self, chunk: int) -> bool:
+    return all(os.path.exists(p) for p in self._paths(chunk))
+
+  def write_chunk(self, chunk: int, acts_td: np.ndarray, index: dict[str, np.ndarray],
+                  dtype: str) -> None:
+    shard, idx = self._paths(chunk)
+    lengths = {k: len(v) for k, v in index.items()}
+    if any(n != len(acts_td) for n in lengths.values()):
+      raise AssertionError(f'index lengths {lengths} != {len(acts_td)} rows')  # a bug, not input
+    tmp = os.path.join(self.dir, f'.shard_{chunk:05d}.tmp')
+    with open(tmp, 'wb') as f:  # a file handle stops np.save from appending ".npy"
+      np.save(f, np.ascontiguousarray(acts_td, dtype=dtype))
+    tmp_idx = tmp + '.idx'
+    with open(tmp_idx, 'wb') as f:
+      np.savez(f, **{k: np.asarray(v, np.int32) for k, v in index.items()})
+    os.replace(tmp, shard)  # shard first: a chunk counts as done only once its index exists
+    os.replace(tmp_idx, idx)
+
+  def finalize(self, n_chunks: int, images: dict) -> int:
+    """index.npz (all chunks, shard order) and images.json; returns the number of rows."""
+    parts = []
+    for c in range(n_chunks):
+      with np.load(self._paths(c)[1]) as z:
+        parts.append({k: z[k] for k in z.files})
+    index = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    tmp = os.path.join(self.dir, '.index.tmp')
+    with open(tmp, 'wb') as f:
+      np.savez(f, **index)
+    os.replace(tmp, os.path.join(self.dir, 'index.npz'))
+    ckpt_lib.write_json_atomic(os.path.join(self.dir, 'images.json'), images)
+    return len(index['image_id'])
+
