@@ -26,9 +26,11 @@ setup(
         'jaxtyping',
         'tqdm',
         'matplotlib',
+        'pillow',
+        'importlib_resources',  # tensorflow-datasets needs it to open builders, but does not declare it
     ],
     extras_require={
         # torch is a test-time numerical reference only; pinned to the CPU wheel on local disk.
-        'test': ['pytest', 'pytest-xdist'],
+        'test': ['pytest', 'pytest-xdist', 'torch==2.13.0'],
     },
 )

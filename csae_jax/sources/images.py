@@ -72,8 +72,10 @@ class TFDSImages:
                        f'(e.g. with `tfds build`), in array_record format') from e
     self.name, self.split = name, split
     self.image_key, self.label_key = image_key, label_key
-    feature = builder.info.features.get(label_key) if hasattr(builder.info.features, 'get') else None
-    self._names = getattr(feature, 'names', None)
+    try:
+      self._names = getattr(builder.info.features[label_key], 'names', None)
+    except KeyError:  # unlabelled dataset
+      self._names = None
 
   def __len__(self) -> int:
     return len(self._source)

@@ -83,3 +83,35 @@ def test_store_refuses_other_settings(tmp_path):
     harvest_store.SiteStore(str(tmp_path), 's', {'model': 'b'}, overwrite=False)
   fresh = harvest_store.SiteStore(str(tmp_path), 's', {'model': 'b'}, overwrite=True)
   assert not fresh.done(0)
+
+
+def test_tfds_dataset_prepared_on_disk(tmp_path):
+  """A TFDS dataset already prepared under data_dir (array_record) is read without download or
+  TensorFlow; labels come back as their class names."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  class CsaeTinyImages(tfds.core.GeneratorBasedBuilder):
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          'image': tfds.features.Tensor(shape=(12, 10, 3), dtype=np.uint8),
+          'label': tfds.features.ClassLabel(names=['cat', 'dog'])}))
+
+    def _split_generators(self, dl_manager):
+      return {'train': self._generate_examples()}
+
+    def _generate_examples(self):
+      for i in range(5):
+        yield i, {'image': np.full((12, 10, 3), 10 * i, np.uint8), 'label': i % 2}
+
+  CsaeTinyImages(data_dir=str(tmp_path), file_format='array_record').download_and_prepare()
+  ds = images.open_images('tfds:csae_tiny_images', data_dir=str(tmp_path))
+  assert len(ds) == 5
+  labels = sorted(ds.label(i) for i in range(5))
+  assert labels == ['cat', 'cat', 'cat', 'dog', 'dog']
+  im = ds.load(0)
+  assert im.size == (10, 12) and im.mode == 'RGB'
+  assert ds.key(3) == 'csae_tiny_images/train[3]'
+  with pytest.raises(ValueError, match="split 'test'"):
+    images.open_images('tfds:csae_tiny_images', data_dir=str(tmp_path), split='test')
