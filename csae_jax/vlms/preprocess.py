@@ -1,0 +1,98 @@
+"""Qwen3-VL inputs without torch: transformers' PIL image processor and the tokenizer.
+
+`Qwen3VLProcessor` needs torch (its video processor), so the two halves are used directly: the
+image processor (`Qwen2VLImageProcessorPil`, which Qwen3-VL's checkpoints name) turns images into
+flattened patches and a (t, h, w) grid; the tokenizer's chat template gives the prompt, whose one
+`<|image_pad|>` per image is expanded to the image's number of merged tokens, as the processor
+does.
+
+Patch order (the order of `vision/block_i` rows): 2 x 2 merge windows in raster order, and inside
+each window its 4 patches in raster order (`patch_grid_positions`, verified against the processor
+in tests). Merged tokens (`vision/merger`, image positions of `text/layer_i`) follow the windows.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from PIL import Image
+
+DEFAULT_PROMPT = 'Describe the image content accurately.'
+IMAGE_PAD = '<|image_pad|>'
+
+
+def patch_grid_positions(h: int, w: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
+  """(row, col) in the patch grid of each of the h * w patches, in the processor's order."""
+  wr, wc, ir, ic = np.meshgrid(np.arange(h // merge), np.arange(w // merge), np.arange(merge),
+                               np.arange(merge), indexing='ij')
+  return (wr * merge + ir).reshape(-1), (wc * merge + ic).reshape(-1)
+
+
+def merged_grid_positions(h: int, w: int, merge: int) -> tuple[np.ndarray, np.ndarray]:
+  """(row, col) in the merged grid of each merged token (raster order of the windows)."""
+  r, c = np.meshgrid(np.arange(h // merge), np.arange(w // merge), indexing='ij')
+  return r.reshape(-1), c.reshape(-1)
+
+
+class Qwen3VLPreprocessor:
+  """Images -> (pixel_values [n_patches, C*T*P*P] float32, grid_thw [n_images, 3]); prompts ->
+  token ids with the image placeholders expanded.
+
+  image_size: every image is resized to image_size x image_size (the paper: 256), then the
+  model's own processor runs with min = max pixels = image_size^2, so its smart resize keeps
+  that size (image_size must be a multiple of patch * merge) and does the normalisation.
+  """
+
+  def __init__(self, folder: str, image_size: int = 256):
+    from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as ip  # slow import
+    if not os.path.exists(os.path.join(folder, 'preprocessor_config.json')):
+      raise ValueError(f'{folder!r} has no preprocessor_config.json; point model_path at the '
+                       f'checkpoint folder (a hub snapshot has it)')
+    self.folder = folder
+    self.processor = ip.Qwen2VLImageProcessorPil.from_pretrained(folder)
+    self.patch, self.merge = self.processor.patch_size, self.processor.merge_size
+    factor = self.patch * self.merge
+    if image_size % factor:
+      raise ValueError(f'image_size = {image_size} must be a multiple of patch_size x '
+                       f'merge_size = {factor} for this model; e.g. {image_size // factor * factor}'
+                       f' or {(image_size // factor + 1) * factor}')
+    self.image_size = image_size
+    self._tokenizer = None
+
+  @property
+  def grid_hw(self) -> tuple[int, int]:
+    n = self.image_size // self.patch
+    return n, n
+
+  def images(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+    s = self.image_size
+    resized = [im.convert('RGB').resize((s, s), Image.Resampling.BICUBIC) for im in images]
+    out = self.processor(images=resized, size={'shortest_edge': s * s, 'longest_edge': s * s},
+                         return_tensors='np')
+    return (np.asarray(out['pixel_values'], np.float32),
+            np.asarray(out['image_grid_thw'], np.int64))
+
+  @property
+  def tokenizer(self):
+    if self._tokenizer is None:
+      import transformers  # pylint: disable=g-import-not-at-top
+      try:
+        self._tokenizer = transformers.AutoTokenizer.from_pretrained(self.folder)
+      except (OSError, ValueError) as e:
+        raise ValueError(f'{self.folder!r}: no usable tokenizer ({e}); text sites and '
+                         f'generation need the checkpoint\'s tokenizer files') from e
+    return self._tokenizer
+
+  def prompt_ids(self, grid_thw_i3: np.ndarray, prompt: str = DEFAULT_PROMPT) -> np.ndarray:
+    """Token ids of a user turn with the images then the prompt, ready for the answer."""
+    content = [{'type': 'image'} for _ in grid_thw_i3] + [{'type': 'text', 'text': prompt}]
+    text = self.tokenizer.apply_chat_template([{'role': 'user', 'content': content}],
+                                              add_generation_prompt=True, tokenize=False)
+    parts = text.split(IMAGE_PAD)
+    if len(parts) != len(grid_thw_i3) + 1:
+      raise ValueError(f'the chat template gave {len(parts) - 1} {IMAGE_PAD} placeholders for '
+                       f'{len(grid_thw_i3)} images; check the tokenizer\'s chat template')
+    merged = [int(np.prod(g)) // self.merge ** 2 for g in grid_thw_i3]
+    text = parts[0] + ''.join(IMAGE_PAD * m + p for m, p in zip(merged, parts[1:]))
+    return np.asarray(self.tokenizer(text, add_special_tokens=False)['input_ids'], np.int64)
