@@ -17,7 +17,7 @@ from typing import Any
 
 SAE_ARCHS = ('batch_topk', 'topk', 'relu_l1', 'jumprelu', 'matryoshka')
 RECIPES = ('default', 'reference')
-MODES = ('staged', 'joint', 'sweep')
+MODES = ('staged', 'joint', 'sweep', 'compare')
 STOP_GRADIENTS = ('none', 'partial', 'bilateral')
 LR_SCHEDULES = ('linear_decay', 'cosine', 'constant')
 B_DEC_INITS = ('geometric_median', 'mean', 'zeros')
@@ -112,6 +112,24 @@ class SweepConfig:
   l0_coeff: str = ''
 
 
+COMPARE_FAMILIES = ('csae', 'joint', 'stop_gradient', 'flat', 'matryoshka', 'stacked',
+                    'clustering')
+
+
+@dataclasses.dataclass(frozen=True)
+class CompareConfig:
+  """mode='compare': every method on the same activations, n1, n2 and budget (issue 4)."""
+  methods: str = ','.join(COMPARE_FAMILIES)
+  seeds: str = ''                   # comma-separated train seeds; '' = train.seed only
+  alphas: str = '1.0,0.1'           # joint CSAE (no stop-gradient) alpha sweep
+  ablation_alpha: float = 1.0       # alpha of the partial / bilateral stop-gradient runs
+  baseline_k: int = 0               # k of the flat n2 SAE and the stacked SAE; 0 = level1.k
+  n_perm: int = 200                 # random partitions in each HMS / taxonomy null
+  null_seed: int = 0
+  embeddings: str = ''              # real data: [n_images, e] .npy reference embeddings
+  taxonomy: str = ''                # real data: json {fine label: coarse label}
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
   data: int = -1
@@ -128,6 +146,7 @@ class Config:
   train: TrainConfig = TrainConfig()
   joint: JointConfig = JointConfig()
   sweep: SweepConfig = SweepConfig()
+  compare: CompareConfig = CompareConfig()
   mesh: MeshConfig = MeshConfig()
 
 
@@ -236,6 +255,17 @@ def validate(cfg: Config) -> Config:
   if cfg.mode == 'joint' and not 0 <= cfg.joint.level2_start < t.steps:
     raise ValueError(
         f'joint.level2_start = {cfg.joint.level2_start} must be in [0, train.steps = {t.steps})')
+  c = cfg.compare
+  for fam in compare_families(c):
+    _one_of('compare.methods', fam, COMPARE_FAMILIES)
+  for a in _floats('compare.alphas', c.alphas):
+    _positive('compare.alphas', a)
+  _positive('compare.n_perm', c.n_perm)
+  _positive('compare.baseline_k', c.baseline_k, allow_zero=True)
+  if cfg.mode == 'compare' and not cfg.data.path and (c.embeddings or c.taxonomy):
+    raise ValueError('compare.embeddings / compare.taxonomy describe the images of real data; '
+                     'set --config.data.path to a harvested activations folder (synthetic data '
+                     'uses its ground truth as the embedding)')
   s = cfg.data.synthetic
   for name in ('d', 'n_parents', 'n_children'):
     _positive(f'data.synthetic.{name}', getattr(s, name))
@@ -289,6 +319,29 @@ def resolve_sae(sae: SAEConfig, *, d: int, n_latents: int, k: int, steps: int,
                        f'sizes summing to {key}.n_latents = {n}, e.g. "{n // 2},{n - n // 2}"')
   return dataclasses.replace(sae, n_latents=n, k=kk, k_aux=sae.k_aux or max(1, min(n, d // 2)),
                              **changes)
+
+
+def compare_families(c: CompareConfig) -> list[str]:
+  return [m.strip() for m in c.methods.split(',') if m.strip()]
+
+
+def _floats(key: str, spec: str) -> list[float]:
+  try:
+    return [float(v) for v in spec.split(',') if v.strip()]
+  except ValueError as e:
+    raise ValueError(f'config key {key} = {spec!r} must be comma-separated numbers, '
+                     f'e.g. --config.{key}=1,0.1') from e
+
+
+def compare_seeds(c: CompareConfig) -> list[int]:
+  values = _floats('compare.seeds', c.seeds)
+  if any(v != int(v) for v in values):
+    raise ValueError(f'config key compare.seeds = {c.seeds!r} must hold integers, e.g. 0,1,2')
+  return [int(v) for v in values]
+
+
+def compare_alphas(c: CompareConfig) -> list[float]:
+  return _floats('compare.alphas', c.alphas)
 
 
 def sweep_values(sweep: SweepConfig, name: str) -> list[float]:
@@ -354,3 +407,45 @@ def stable_hash(obj: Any) -> str:
   if dataclasses.is_dataclass(obj):
     obj = dataclasses.asdict(obj)
   return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---- harvesting (experiments/configs/harvest.py) ------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class HarvestConfig:
+  """stage='harvest': activations of a VLM's named sites, from images, in the export format."""
+  stage: str = 'harvest'
+  model: str = 'qwen3-vl'          # a port ('qwen3-vl') or a registry name (csae_jax.vlms.registry)
+  model_path: str = ''             # local HF checkpoint folder (config.json, *.safetensors, ...)
+  images: str = ''                 # image folder, or 'tfds:NAME' (prepared under data_dir)
+  data_dir: str = ''               # TFDS data_dir (nothing is downloaded)
+  split: str = 'train'             # TFDS split
+  sites: str = ''                  # comma-separated site names; '' = the model's default site
+  image_size: int = 256            # images resized to image_size^2 (the paper: 256)
+  prompt: str = 'Describe the image content accurately.'
+  all_tokens: bool = False         # text sites: every token, not only the image tokens
+  batch_size: int = 8              # images per forward
+  workers: int = 0                 # preprocessing processes (0: in the main process)
+  chunk_images: int = 256          # images per shard (the unit of resumption)
+  max_images: int = 0              # 0 = all
+  dtype: str = 'float32'           # compute dtype of the model: float32 | bfloat16
+  store_dtype: str = 'float32'     # dtype of the saved activations: float32 | float16
+  overwrite: bool = False
+  mesh: MeshConfig = MeshConfig()
+
+
+def harvest_from_config_dict(cd: Any) -> HarvestConfig:
+  cfg = _build(HarvestConfig, cd, '')
+  for key in ('model_path', 'images'):
+    if not getattr(cfg, key):
+      raise ValueError(f'config key {key!r} is required for harvesting; set --config.{key}=...')
+  for key in ('image_size', 'batch_size', 'chunk_images'):
+    _positive(key, getattr(cfg, key))
+  _positive('max_images', cfg.max_images, allow_zero=True)
+  _positive('workers', cfg.workers, allow_zero=True)
+  if cfg.chunk_images % cfg.batch_size:
+    raise ValueError(f'chunk_images = {cfg.chunk_images} must be a multiple of batch_size = '
+                     f'{cfg.batch_size}')
+  _one_of('dtype', cfg.dtype, ('float32', 'bfloat16'))
+  _one_of('store_dtype', cfg.store_dtype, ('float32', 'float16'))
+  return cfg

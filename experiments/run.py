@@ -27,6 +27,10 @@ def summary(metrics: dict, workdir: str) -> str:
     from csae_jax import sweep  # pylint: disable=g-import-not-at-top
     return (f'sweep of {metrics["sweep/n"]} level-1 SAEs done: {workdir}/sweep '
             f'(results.json, results.md, pareto.png)\n\n' + sweep.table(metrics['sweep/results']))
+  if metrics['mode'] == 'compare':
+    return (f'comparison of {len(metrics["compare/methods"])} methods done: {workdir} '
+            f'(compare.json, compare.md, compare_hms.png, compare_recon.png, <method>/export/)'
+            f'\n\n' + metrics['compare/table'])
   lines = [f'CSAE ({metrics["mode"]}) done: {workdir}/export', '']
   for key in SUMMARY_KEYS:
     if key in metrics:
@@ -102,11 +106,25 @@ def main(argv):
   workdir = _WORKDIR.value or os.path.join(
       'runs', datetime.datetime.now().strftime('%Y%m%d-%H%M%S'))
   try:
+    if _CONFIG.value.get('stage') == 'harvest':
+      from csae_jax.sources import harvest  # pylint: disable=g-import-not-at-top
+      result = harvest.run(_CONFIG.value, workdir)
+      print(harvest_summary(result))
+      return
     metrics = pipeline.run(_CONFIG.value, workdir)
   except ValueError as e:  # user mistakes: one clear line, no traceback
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   print(summary(metrics, os.path.abspath(workdir)))
+
+
+def harvest_summary(result: dict) -> str:
+  lines = [f'harvested {result["n_images"]} images ({result["chunks_run"]} chunks this run, '
+           f'{result["images_per_s"]} images/s on {result["device"]}):']
+  for site, d in result['dirs'].items():
+    lines.append(f'  {site:<20} {result["rows"][site]:>9} rows  {d}')
+  lines.append('use a folder as --config.data.path of experiments/configs/csae.py')
+  return '\n'.join(lines)
 
 
 if __name__ == '__main__':
