@@ -193,6 +193,9 @@ def run(cd_or_cfg, workdir: str, *, hooks=()) -> dict:
   t_start = time.perf_counter()
   workdir = os.path.abspath(workdir)
   cfg, source, mesh = setup(cd_or_cfg, workdir)
+  if cfg.mode == 'compare':
+    from csae_jax import compare  # pylint: disable=g-import-not-at-top  (compare imports pipeline)
+    return compare.run(cfg, source, mesh, workdir)
   if cfg.mode == 'sweep':
     from csae_jax import sweep  # pylint: disable=g-import-not-at-top  (sweep imports pipeline)
     return {**sweep.run(cfg, source, mesh, workdir, hooks=hooks),

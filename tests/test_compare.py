@@ -1,0 +1,125 @@
+"""The comparison run (mode='compare'): every method trained on the same data, exported in the
+CSAE format and scored by one scorer; the scorer itself checked on a hand-made export."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from csae_jax import config as config_lib
+from csae_jax import export, pipeline
+from csae_jax.compare import score
+from csae_jax.sources import synthetic
+from experiments.configs import compare as compare_config
+
+METHODS = ['csae', 'csae_joint_alpha1', 'csae_partial', 'csae_bilateral', 'flat_coactivation',
+           'matryoshka_conditional', 'matryoshka_cosine', 'stacked', 'agglomerative',
+           'spectral', 'kmeans']
+
+
+def _small(**over):
+  c = compare_config.get_config('small')
+  c.train.steps, c.level2.steps, c.joint.level2_start = 150, 150, 75
+  c.level2.restarts, c.data.eval_rows, c.compare.n_perm = 2, 4096, 20
+  for k, v in over.items():
+    node = c
+    *path, leaf = k.split('.')
+    for p in path:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+@pytest.fixture(scope='module')
+def compared(tmp_path_factory):
+  wd = str(tmp_path_factory.mktemp('compare'))
+  return wd, pipeline.run(_small(), wd)
+
+
+def test_every_method_is_exported_and_scored(compared):
+  wd, out = compared
+  assert out['compare/methods'] == METHODS
+  with open(os.path.join(wd, 'compare.json')) as f:
+    results = json.load(f)
+  assert sorted(results) == sorted(METHODS)
+  for m in METHODS:
+    exp = os.path.join(wd, m, 'export')
+    for name in ('level1_decoder.npy', 'level2_decoder.npy', 'hierarchy.json', 'metrics.json',
+                 'level1_sae.npz'):
+      assert os.path.exists(os.path.join(exp, name)), (m, name)
+    r = results[m]
+    for key in ('synthetic/parent_ari', 'hms/minus_null', 'hms/p_value', 'level2/coverage',
+                'synthetic/sibling_f1', 'synthetic/parent_mcc', 'level1/variance_explained'):
+      assert key in r, (m, key)
+    assert 0 < r['hms/p_value'] <= 1
+  # methods with parent activations on inputs get the parent/child statistics
+  for m in ('flat_coactivation', 'matryoshka_conditional', 'stacked'):
+    assert 0 <= results[m]['parent_child/p_parent_given_child_mean'] <= 1
+    assert 0 <= results[m]['synthetic/parent_detection_f1'] <= 1
+  assert 'parent_child/p_parent_given_child_mean' not in results['csae']
+  # the grouping baselines share CSAE's level 1: identical level-1 numbers
+  for m in ('flat_coactivation', 'stacked', 'kmeans'):
+    assert results[m]['level1/variance_explained'] == results['csae']['level1/variance_explained']
+  md = open(os.path.join(wd, 'compare.md')).read()
+  assert all(f'| {m} |' in md for m in METHODS)
+  assert os.path.getsize(os.path.join(wd, 'compare_hms.png')) > 5000
+  assert os.path.getsize(os.path.join(wd, 'compare_recon.png')) > 5000
+
+
+def test_scoring_is_a_function_of_the_export(compared):
+  """Re-scoring an export gives the same numbers (nothing depends on the training process),
+  and the scorer agrees with the pipeline's own ARI for CSAE."""
+  wd, _ = compared
+  cfg = config_lib.from_config_dict(_small())
+  src = synthetic.SyntheticSource(cfg.data.synthetic, batch_size=512, seed=0)
+  es = score.synthetic_eval_set(src, 4096)
+  with open(os.path.join(wd, 'compare.json')) as f:
+    results = json.load(f)
+  again, _ = score.score(os.path.join(wd, 'kmeans', 'export'), es, n_perm=20, seed=0)
+  for k in ('synthetic/parent_ari', 'hms/mean', 'hms/null_mean', 'synthetic/sibling_f1'):
+    assert again[k] == pytest.approx(results['kmeans'][k], rel=1e-6), k
+  pipeline_metrics = json.load(open(os.path.join(wd, 'csae', 'export', 'metrics.json')))
+  assert results['csae']['synthetic/parent_ari'] == pytest.approx(
+      pipeline_metrics['synthetic/parent_ari'], abs=1e-9)
+
+
+def test_a_hand_made_true_hierarchy_scores_perfectly(tmp_path):
+  """An export whose level 1 is the true children and whose concepts are the true parents gets
+  ARI 1, sibling F1 1, parent MCC 1 and a synthetic HMS far above its null; shuffling the
+  concepts brings HMS to its null."""
+  cfg = config_lib.SyntheticConfig()
+  src = synthetic.SyntheticSource(cfg, batch_size=512, seed=0)
+  t = src.truth
+  n, d = t.children_cd.shape
+  params = {'w_enc': t.children_cd.T.copy(), 'b_enc': np.zeros(n, np.float32),
+            'w_dec': t.children_cd.copy(), 'b_dec': np.zeros(d, np.float32)}
+  es = score.synthetic_eval_set(src, 4096)
+
+  def write(out, groups):
+    hier = {'schema_version': 1, 'alive': list(range(n)), 'unassigned': [],
+            'concepts': [{'id': int(c), 'members': [int(j) for j in np.flatnonzero(groups == c)],
+                          'weights': [1.0] * int(np.sum(groups == c))} for c in np.unique(groups)]}
+    export.write(str(out), level1=params, level1_threshold=-1.0, level1_arch='topk', level1_k=4,
+                 scale=1.0, level2=None, level2_decoder_md=t.parents_kd, hierarchy=hier,
+                 metrics={})
+    return score.score(str(out), es, n_perm=50, seed=0)[0]
+
+  good = write(tmp_path / 'true', t.parent_of_child_c)
+  assert good['synthetic/parent_ari'] == pytest.approx(1.0)
+  assert good['synthetic/sibling_f1'] == pytest.approx(1.0)
+  assert good['synthetic/parent_mcc'] == pytest.approx(1.0, abs=1e-5)
+  assert good['hms/minus_null'] > 0.2 and good['hms/p_value'] < 0.05
+  shuffled = write(tmp_path / 'shuffled',
+                   np.random.default_rng(0).permutation(t.parent_of_child_c))
+  assert shuffled['synthetic/parent_ari'] < 0.2
+  assert abs(shuffled['hms/minus_null']) < 3 * shuffled['hms/null_std'] + 1e-6
+
+
+def test_compare_config_errors():
+  with pytest.raises(ValueError, match="compare.methods"):
+    config_lib.from_config_dict(_small(**{'compare.methods': 'csae,magic'}))
+  with pytest.raises(ValueError, match='data.path'):
+    config_lib.from_config_dict(_small(**{'compare.embeddings': 'x.npy'}))
+  with pytest.raises(ValueError, match='variant'):
+    compare_config.get_config('huge')
