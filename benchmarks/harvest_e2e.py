@@ -19,10 +19,10 @@ import shutil
 import tempfile
 import time
 
-import jax
 import numpy as np
 from PIL import Image
 
+from benchmarks import _results
 from csae_jax.sources import harvest
 from csae_jax.vlms import qwen3_vl
 
@@ -88,15 +88,10 @@ def main():
                  'wall_s': round(time.perf_counter() - t0, 1), 'rows': res['rows']})
     print(rows[-1], flush=True)
     shutil.rmtree(wd)
-  dev = jax.devices()[0]
-  result = {'device': dev.device_kind, 'model': args.model, 'images': args.images,
+  result = {**_results.device(), 'model': args.model, 'images': args.images,
             'batch': args.batch, 'dtype': args.dtype, 'setup_s': round(setup_s, 1),
             'results': rows}
-  print(json.dumps(result, indent=1))
-  os.makedirs(args.out, exist_ok=True)
-  name = dev.platform if dev.platform == 'cpu' else dev.device_kind.replace(' ', '_')
-  with open(os.path.join(args.out, f'harvest_e2e_{name}.json'), 'w') as f:
-    json.dump(result, f, indent=1)
+  _results.save(result, args.out, 'harvest_e2e')
   shutil.rmtree(root)
 
 

@@ -12,7 +12,6 @@ benchmarks/results/train_step_<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -20,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks import _results
 from csae_jax import config as config_lib
 from csae_jax import sharding
 from csae_jax.saes import common, objective
@@ -71,14 +71,9 @@ def main():
   base = rows[0]['ms_per_step']
   for r in rows:
     r['time_vs_dense_f32'] = round(r['ms_per_step'] / base, 3)
-  dev = jax.devices()[0]
-  result = {'device': dev.device_kind, 'platform': dev.platform, 'd': args.d, 'n': args.n,
+  result = {**_results.device(), 'd': args.d, 'n': args.n,
             'k': args.k, 'batch': args.batch, 'results': rows}
-  print(json.dumps(result, indent=1))
-  os.makedirs(args.out, exist_ok=True)
-  name = dev.platform if dev.platform == 'cpu' else dev.device_kind.replace(' ', '_')
-  with open(os.path.join(args.out, f'train_step_{name}.json'), 'w') as f:
-    json.dump(result, f, indent=1)
+  _results.save(result, args.out, 'train_step')
 
 
 if __name__ == '__main__':

@@ -13,7 +13,6 @@ Timings depend on the machine: compare only numbers from one run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import tempfile
 import time
@@ -24,6 +23,7 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
+from benchmarks import _results
 from csae_jax.vlms import preprocess, qwen3_vl
 from csae_jax.vlms import qwen3_vl_vision as vision_lib
 
@@ -89,16 +89,10 @@ def main():
   ap.add_argument('--image_size', type=int, default=256)
   ap.add_argument('--out', default=os.path.join(os.path.dirname(__file__), 'results'))
   args = ap.parse_args()
-  dev = jax.devices()[0]
   rows = [measure(d, args.batch, args.iters, args.site, args.image_size)
           for d in args.dtypes.split(',')]
-  result = {'device': dev.device_kind, 'platform': dev.platform,
-            'n_devices': len(jax.devices()), 'results': rows}
-  print(json.dumps(result, indent=1))
-  os.makedirs(args.out, exist_ok=True)
-  name = dev.platform if dev.platform == 'cpu' else dev.device_kind.replace(' ', '_')
-  with open(os.path.join(args.out, f'vision_throughput_{name}.json'), 'w') as f:
-    json.dump(result, f, indent=1)
+  result = {**_results.device(), 'results': rows}
+  _results.save(result, args.out, 'vision_throughput')
 
 
 if __name__ == '__main__':

@@ -144,3 +144,19 @@ class Attention(nnx.Module):
       out = attend(q, k_cache, v_cache, causal_mask(b, s, k_cache.shape[1], idx))
       new_cache = (k_cache, v_cache)
     return self.o_proj(out.reshape(b, s, self.n_heads * self.head_dim)), new_cache
+
+
+class Sites:
+  """Named intermediates of one forward: `site(name, x)` applies `edits[name]` (a pure function
+  of the activation) where the site is produced and records the value later layers see, when
+  `wanted` is None (all) or names it. Harvesting and steering use this instead of hooks."""
+
+  def __init__(self, edits=None, wanted=None):
+    self.edits, self.wanted, self.out = dict(edits or {}), wanted, {}
+
+  def __call__(self, name: str, x: jax.Array) -> jax.Array:
+    if name in self.edits:
+      x = self.edits[name](x)
+    if self.wanted is None or name in self.wanted:
+      self.out[name] = x
+    return x

@@ -186,15 +186,8 @@ class Qwen3VLText(nnx.Module):
     last_only: final norm and logits only for the last position (generation).
     Returns (activations by site name, updated cache or None).
     """
-    edits = edits or {}
-    out: dict[str, jax.Array] = {}
-
-    def site(name, x):
-      if name in edits:
-        x = edits[name](x)
-      if sites is None or name in sites:
-        out[name] = x
-      return x
+    site = layers.Sites(edits, sites)
+    out = site.out
 
     if deepstack and visual_idx is None:
       raise ValueError('deepstack features given without visual_idx (their token positions)')

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from csae_jax.vlms import hf
+from csae_jax.vlms import hf, layers
 
 Grid = tuple[tuple[int, int, int], ...]
 Edits = Mapping[str, Callable[[jax.Array], jax.Array]]
@@ -327,14 +327,8 @@ class Qwen3VLVision(nnx.Module):
     if any(h % cfg.spatial_merge_size or w % cfg.spatial_merge_size for _, h, w in grid):
       raise ValueError(f'grid_thw {grid}: h and w must be multiples of spatial_merge_size '
                        f'{cfg.spatial_merge_size}')
-    out: dict[str, jax.Array] = {}
-
-    def site(name, x):
-      if name in edits:
-        x = edits[name](x)
-      if sites is None or name in sites:
-        out[name] = x
-      return x
+    site = layers.Sites(edits, sites)
+    out = site.out
 
     x = self.patch_embed(pixel_values_pd.astype(self.dtype))
     taps, weights = _pos_interp(grid, cfg)

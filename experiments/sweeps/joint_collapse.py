@@ -6,7 +6,6 @@ markdown table (also written to WORKDIR/joint_sweep.md and .json).
 """
 
 import itertools
-import json
 import os
 
 from absl import app, flags, logging

@@ -1,0 +1,23 @@
+"""Where the device benchmarks write: <out>/<name>_<device>.json (cpu, or the card's name)."""
+
+import json
+import os
+
+import jax
+
+
+def device() -> dict:
+  dev = jax.devices()[0]
+  return {'device': dev.device_kind, 'platform': dev.platform, 'n_devices': len(jax.devices())}
+
+
+def save(result: dict, out: str, name: str) -> str:
+  """Prints `result` and writes it as JSON; returns the path."""
+  print(json.dumps(result, indent=1))
+  dev = jax.devices()[0]
+  tag = dev.platform if dev.platform == 'cpu' else dev.device_kind.replace(' ', '_')
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, f'{name}_{tag}.json')
+  with open(path, 'w') as f:
+    json.dump(result, f, indent=1)
+  return path
