@@ -98,18 +98,26 @@ def write(workdir: str, results: dict[str, dict], per_concept: dict[str, np.ndar
   ckpt_lib.write_json_atomic(os.path.join(workdir, 'compare.json'), results)
   md = (header + '\n\n' if header else '') + table(results) + '\n'
   ckpt_lib.write_lines_atomic(os.path.join(workdir, 'compare.md'), md.splitlines())
-  hms_distributions(per_concept, os.path.join(workdir, 'compare_hms.png'))
+  hms_distributions(per_concept, os.path.join(workdir, 'compare_hms.png'),
+                    {m: r.get('hms/null_mean') for m, r in results.items()})
   recon_vs_sparsity(results, os.path.join(workdir, 'compare_recon.png'))
 
 
-def hms_distributions(per_concept: dict[str, np.ndarray], path: str) -> None:
+def hms_distributions(per_concept: dict[str, np.ndarray], path: str,
+                      null_mean: dict[str, float | None] | None = None) -> None:
+  """Box per method (triangle: mean) with the mean of its size-matched null (red x)."""
   names = [n for n, v in per_concept.items() if len(v)]
-  fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4))
+  fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4.5))
   if names:
     ax.boxplot([per_concept[n] for n in names], showmeans=True)
     ax.set_xticks(range(1, len(names) + 1), names, rotation=35, ha='right')
-  ax.set_ylabel('HMS per concept (mean pairwise prototype cosine)')
-  ax.set_title('Hierarchy coherence per concept (concepts with >= 2 fired children)')
+    nulls = [(i + 1, (null_mean or {}).get(n)) for i, n in enumerate(names)]
+    nulls = [(x, y) for x, y in nulls if y is not None]
+    if nulls:
+      ax.scatter(*zip(*nulls), marker='x', color='red', zorder=3, label='null mean')
+      ax.legend(loc='lower left', fontsize=8)
+  ax.set_ylabel('HMS per concept')
+  ax.set_title('Hierarchy coherence per concept (>= 2 fired children) vs the random-partition null')
   ax.grid(axis='y', alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
