@@ -34,10 +34,12 @@ from csae_jax.sources import harvest_store, images as images_lib
 from csae_jax.vlms import preprocess, registry
 
 
-# Image decoding + the processor's resize/normalise are pure Python/PIL and hold the GIL
-# (measured: threads give no speed-up; ~100-150 images/s on one core), while the 4B vision tower
-# harvests ~1,700 images/s on an H200 in bf16. `workers` > 0 therefore preprocesses in a pool of
-# processes ('spawn': forking a process that runs JAX is unsafe), each with its own preprocessor.
+# Decoding and resizing are PIL work that holds the GIL (threads gave no speed-up), while the 4B
+# vision tower harvests ~1,700 images/s on an H200 in bf16. `workers` > 0 runs them in a pool of
+# processes ('spawn': forking a process that runs JAX is unsafe) that return uint8 [S, S, 3]
+# arrays (196 kB at 256^2, not 1.5 MB of float patches); the normalisation and patch flattening
+# are one vectorised numpy call on the whole batch in the main process
+# (`Qwen3VLPreprocessor.patchify`, tested equal to the processor).
 _WORKER: dict = {}
 
 
@@ -46,12 +48,13 @@ def _worker_init(images_spec: str, data_dir: str, split: str, model_path: str, i
   _WORKER['pre'] = preprocess.Qwen3VLPreprocessor(model_path, image_size=image_size)
 
 
-def _worker_process(ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
-  return _WORKER['pre'].images([_WORKER['images'].load(i) for i in ids])
+def _worker_resize(ids: list[int]) -> np.ndarray:
+  return np.stack([_WORKER['pre'].resize(_WORKER['images'].load(i)) for i in ids])
 
 
 class Preprocessing:
-  """Batches of (pixel_values, grid_thw) for image ids, in order, `depth` batches ahead."""
+  """Batches of (pixel_values, grid_thw) for lists of image ids, in order; with workers, two
+  batches are in flight while the device runs."""
 
   def __init__(self, cfg: config_lib.HarvestConfig, imgs, pre: preprocess.Qwen3VLPreprocessor):
     self.imgs, self.pre, self.cfg = imgs, pre, cfg
@@ -67,18 +70,18 @@ class Preprocessing:
   def batches(self, id_batches: list[list[int]]):
     if self.pool is None:
       for ids in id_batches:
-        yield self.pre.images([self.imgs.load(i) for i in ids])
+        yield self.pre.patchify(np.stack([self.pre.resize(self.imgs.load(i)) for i in ids]))
       return
-    # split each batch over the workers, keep two batches in flight
     per = max(1, -(-len(id_batches[0]) // self.cfg.workers)) if id_batches else 1
+
     def submit(ids):
-      return [self.pool.submit(_worker_process, ids[j:j + per]) for j in range(0, len(ids), per)]
+      return [self.pool.submit(_worker_resize, ids[j:j + per]) for j in range(0, len(ids), per)]
     queue = [submit(ids) for ids in id_batches[:2]]
     for n in range(len(id_batches)):
       parts = [f.result() for f in queue.pop(0)]
       if n + 2 < len(id_batches):
         queue.append(submit(id_batches[n + 2]))
-      yield np.concatenate([p for p, _ in parts]), np.concatenate([g for _, g in parts])
+      yield self.pre.patchify(np.concatenate(parts))
 
   def close(self):
     if self.pool is not None:
@@ -116,9 +119,12 @@ class Harvester:
       self._ids = self.pre.prompt_ids(grid_i3[:1], self.prompt)
     return self._ids
 
-  def __call__(self, pixels: np.ndarray, grid: np.ndarray
-               ) -> dict[str, list[tuple[np.ndarray, dict]]]:
-    """A preprocessed batch -> {site: [(acts_td, index) per image]} (index without image_id)."""
+  def __call__(self, pixels: np.ndarray, grid: np.ndarray, image_ids: np.ndarray,
+               store_dtype: str) -> dict[str, tuple[np.ndarray, dict]]:
+    """A preprocessed batch -> {site: (acts_td of the first len(image_ids) images, index)}.
+
+    Rows are cast to the store dtype on the device (half the transfer for float16); images past
+    len(image_ids) are the padding of a short last batch and are dropped."""
     b = len(grid)
     if self.text:
       ids_bs = np.tile(self._prompt_ids(grid), (b, 1))
@@ -128,27 +134,28 @@ class Harvester:
       from csae_jax.vlms import qwen3_vl_vision as vision_lib  # pylint: disable=g-import-not-at-top
       out = vision_lib.forward(graphdef, state, pixels, grid_thw=vision_lib.static_grid(grid),
                                sites=tuple(self.sites))
-    out = jax.device_get(out)
-    result = {}
-    for site in self.sites:
-      acts = np.asarray(out[site], np.float32)
-      result[site] = [self._split(site, acts, i, b) for i in range(b)]
-    return result
+    out = jax.device_get({k: out[k].astype(store_dtype) for k in self.sites})
+    return {site: self._rows(site, np.asarray(out[site]), image_ids, b) for site in self.sites}
 
-  def _split(self, site: str, acts: np.ndarray, i: int, b: int) -> tuple[np.ndarray, dict]:
-    if site.startswith('vision/'):
+  def _rows(self, site: str, acts: np.ndarray, image_ids: np.ndarray, b: int
+            ) -> tuple[np.ndarray, dict]:
+    n = len(image_ids)
+    if site.startswith('vision/'):  # [b * per, d]: each image's tokens contiguous, in order
       per = len(acts) // b
       rows, cols = self._patch_rc if per == len(self._patch_rc[0]) else self._merged_rc
-      a = acts[i * per:(i + 1) * per]
-      return a, {'token_index': np.arange(per), 'row': rows, 'col': cols}
-    ids = self._ids
-    is_img = ids == self.model.cfg.image_token_id
-    keep = np.ones_like(is_img) if self.all_tokens else is_img
-    a = acts[i][keep]
-    rows = np.full(len(ids), -1)
-    cols = np.full(len(ids), -1)
-    rows[is_img], cols[is_img] = self._merged_rc
-    return a, {'token_index': np.flatnonzero(keep), 'row': rows[keep], 'col': cols[keep]}
+      token = np.arange(per)
+    else:  # [b, seq, d]: the same prompt for every image
+      ids = self._ids
+      is_img = ids == self.model.cfg.image_token_id
+      keep = np.ones_like(is_img) if self.all_tokens else is_img
+      r_all, c_all = np.full(len(ids), -1), np.full(len(ids), -1)
+      r_all[is_img], c_all[is_img] = self._merged_rc
+      token = np.flatnonzero(keep)
+      rows, cols, per = r_all[keep], c_all[keep], int(keep.sum())
+      acts = acts[:, keep].reshape(b * per, -1)
+    index = {'image_id': np.repeat(image_ids, per), 'token_index': np.tile(token, n),
+             'row': np.tile(rows, n), 'col': np.tile(cols, n)}
+    return acts[:n * per], index
 
 
 def run(cd, workdir: str) -> dict:
@@ -187,10 +194,9 @@ def run(cd, workdir: str) -> dict:
     # every batch has batch_size images (the last repeats its final image): one compilation
     padded = [ids + [ids[-1]] * (cfg.batch_size - len(ids)) for ids in id_batches]
     for ids, (pixels, grid) in zip(id_batches, prep.batches(padded)):
-      out = harvester(pixels, grid)
+      out = harvester(pixels, grid, np.asarray(ids), cfg.store_dtype)
       for s in sites:
-        for i, (a, index) in zip(ids, out[s]):
-          parts[s].append((a, {'image_id': np.full(len(a), i), **index}))
+        parts[s].append(out[s])
       if t_first is None:
         t_first = time.perf_counter()  # throughput excludes the first batch (compilation)
       else:

@@ -73,6 +73,30 @@ class Qwen3VLPreprocessor:
     return (np.asarray(out['pixel_values'], np.float32),
             np.asarray(out['image_grid_thw'], np.int64))
 
+  def resize(self, image: Image.Image) -> np.ndarray:
+    """[S, S, 3] uint8: the part of preprocessing that needs PIL (worker processes run it)."""
+    s = self.image_size
+    return np.asarray(image.convert('RGB').resize((s, s), Image.Resampling.BICUBIC))
+
+  def patchify(self, images_bss3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The processor's rescale, normalisation and patch flattening, vectorised over a batch of
+    resized uint8 images: equal to `images` (tested) at a fraction of the cost, and what
+    crosses a process boundary is 196 kB of uint8 per 256^2 image instead of 1.5 MB of floats."""
+    p, m = self.processor, self.merge
+    b, s = images_bss3.shape[0], self.image_size
+    t, c, ps = p.temporal_patch_size, 3, self.patch
+    x = images_bss3.astype(np.float32)
+    if p.do_rescale:
+      x = x * np.float32(p.rescale_factor)
+    if p.do_normalize:
+      x = (x - np.asarray(p.image_mean, np.float32)) / np.asarray(p.image_std, np.float32)
+    g = s // ps
+    x = x.reshape(b, g // m, m, ps, g // m, m, ps, c)
+    x = x.transpose(0, 1, 4, 2, 5, 7, 3, 6)  # b, gh, gw, mh, mw, C, ph, pw
+    x = np.broadcast_to(x[:, :, :, :, :, :, None], (*x.shape[:6], t, ps, ps))
+    pixels = np.ascontiguousarray(x.reshape(b * g * g, c * t * ps * ps))
+    return pixels, np.tile(np.array([[1, g, g]], np.int64), (b, 1))
+
   @property
   def tokenizer(self):
     if self._tokenizer is None:

@@ -48,3 +48,13 @@ def test_bad_sizes_and_folders(folder, tmp_path):
     preprocess.Qwen3VLPreprocessor(folder, image_size=100)
   with pytest.raises(ValueError, match='preprocessor_config.json'):
     preprocess.Qwen3VLPreprocessor(str(tmp_path / 'empty'))
+
+
+def test_vectorised_patchify_equals_the_processor(folder):
+  from sklearn.datasets import load_sample_images  # pylint: disable=g-import-not-at-top
+  pre = preprocess.Qwen3VLPreprocessor(folder, image_size=64)
+  ims = [Image.fromarray(a) for a in load_sample_images().images] + [Image.new('RGB', (5, 9))]
+  want_pv, want_grid = pre.images(ims)
+  got_pv, got_grid = pre.patchify(np.stack([pre.resize(im) for im in ims]))
+  np.testing.assert_array_equal(got_grid, want_grid)
+  np.testing.assert_allclose(got_pv, want_pv, atol=1e-6)
