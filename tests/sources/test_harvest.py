@@ -127,6 +127,23 @@ def test_rows_match_the_reference_and_resume(setup, tmp_path):
     harvest.run(_cfg(folder, image_dir, image_size=64), wd)
 
 
+def test_all_tokens_keeps_the_text_tokens(setup, tmp_path):
+  _, folder, _, _, image_dir, _ = setup
+  harvest.run(_cfg(folder, image_dir, sites='text/layer_0', all_tokens=True, max_images=2),
+              str(tmp_path))
+  pre = preprocess.Qwen3VLPreprocessor(folder, image_size=32)
+  ids = pre.prompt_ids(np.array([[1, 4, 4]]))
+  site_dir = os.path.join(str(tmp_path), 'activations', 'text_layer_0')
+  with np.load(os.path.join(site_dir, 'index.npz')) as z:
+    index = {k: z[k] for k in z.files}
+  assert len(index['image_id']) == 2 * len(ids)
+  np.testing.assert_array_equal(index['token_index'][:len(ids)], np.arange(len(ids)))
+  is_img = ids == vlm.IMAGE_TOKEN_ID
+  assert np.all(index['row'][:len(ids)][~is_img] == -1)
+  np.testing.assert_array_equal(index['row'][:len(ids)][is_img], [0, 0, 1, 1])
+  np.testing.assert_array_equal(index['col'][:len(ids)][is_img], [0, 1, 0, 1])
+
+
 def test_bad_sites_and_config(setup, tmp_path):
   _, folder, _, _, image_dir, _ = setup
   with pytest.raises(ValueError, match="unknown vision site 'vision/block_9'"):
