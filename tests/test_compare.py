@@ -22,12 +22,7 @@ def _small(**over):
   c = compare_config.get_config('small')
   c.train.steps, c.level2.steps, c.joint.level2_start = 150, 150, 75
   c.level2.restarts, c.data.eval_rows, c.compare.n_perm = 2, 4096, 20
-  for k, v in over.items():
-    node = c
-    *path, leaf = k.split('.')
-    for p in path:
-      node = node[p]
-    node[leaf] = v
+  c.update_from_flattened_dict(over)
   return c
 
 

@@ -19,12 +19,7 @@ def small(**overrides):
   c.level2.restarts = 4
   c.joint.level2_start = 150
   c.data.eval_rows = 4096
-  for key, value in overrides.items():
-    node = c
-    *path, last = key.split('.')
-    for p in path:
-      node = node[p]
-    node[last] = value
+  c.update_from_flattened_dict(overrides)
   return c
 
 

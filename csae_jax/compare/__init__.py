@@ -62,7 +62,7 @@ def run(cfg: config_lib.Config, source, mesh, workdir: str) -> dict:
   seeds = config_lib.compare_seeds(cfg.compare) or [cfg.train.seed]
   if len(seeds) == 1:
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seeds[0]))
-    if seeds[0] != cfg.train.seed or source.seed != seeds[0]:
+    if source.seed != seeds[0]:
       source = pipeline.make_source(cfg)
     return run_one(cfg, source, mesh, workdir)
   t0 = time.perf_counter()

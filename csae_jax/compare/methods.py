@@ -53,11 +53,12 @@ class Level1:
   ev: dict
 
 
-def _codes_fn(params, threshold, arch, k, scale) -> ParentCodes:
-  """Inference codes of raw inputs for an SAE trained on inputs scaled by `scale`."""
+def _encoder(l: 'Level1', scale: float = 1.0) -> Callable[[np.ndarray], np.ndarray]:
+  """Inference codes of an SAE trained on inputs scaled by `scale`, for unscaled inputs
+  (scale = 1: inputs already in its training space)."""
   def fn(x_bd):
-    return np.asarray(recon.encode(params, jnp.asarray(x_bd * np.float32(scale)), threshold,
-                                   arch=arch, k=k))
+    x = jnp.asarray(x_bd if scale == 1.0 else x_bd * np.float32(scale))
+    return np.asarray(recon.encode(l.params, x, l.threshold, arch=l.arch, k=l.k))
   return fn
 
 
@@ -84,11 +85,6 @@ def _export(out_dir: str, scale: float, l1: Level1, hierarchy: dict, metrics: di
   export.write(os.path.join(out_dir, 'export'), level1=l1.params, level1_threshold=l1.threshold,
                level1_arch=l1.arch, level1_k=l1.k, scale=scale, hierarchy=hierarchy,
                metrics=metrics, **level2)
-
-
-def _norm_codes(l1: Level1) -> Callable[[np.ndarray], np.ndarray]:
-  return lambda x_bd: np.asarray(recon.encode(l1.params, jnp.asarray(x_bd), l1.threshold,
-                                              arch=l1.arch, k=l1.k))
 
 
 def csae_staged(cfg, source, mesh, workdir) -> tuple[list[Method], Level1]:
@@ -119,7 +115,7 @@ def flat_coactivation(cfg, source, mesh, workdir, l1: Level1) -> Method:
   wd = os.path.join(workdir, 'flat_coactivation')
   l2 = _level1(fcfg, source, mesh, wd)
   counter = coactivation.CoactivationCounter(cfg.level1.n_latents, n2)
-  enc1, enc2 = _norm_codes(l1), _norm_codes(l2)
+  enc1, enc2 = _encoder(l1), _encoder(l2)
   for x_bd in source.eval_batches(cfg.data.eval_rows, pipeline.EVAL_BATCH):
     counter.add(enc1(x_bd), enc2(x_bd))
   parent_n, strength_n = coactivation.parents_by_coactivation(
@@ -131,7 +127,7 @@ def flat_coactivation(cfg, source, mesh, workdir, l1: Level1) -> Method:
   _export(wd, source.scale, l1, hier, metrics, level2=l2.params, level2_threshold=l2.threshold,
           level2_arch=l2.arch, level2_k=l2.k, level2_scale=source.scale)
   return Method('flat_coactivation', 'flat', os.path.join(wd, 'export'), metrics,
-                _codes_fn(l2.params, l2.threshold, l2.arch, l2.k, source.scale))
+                _encoder(l2, source.scale))
 
 
 def matryoshka_methods(cfg, source, mesh, workdir) -> list[Method]:
@@ -143,7 +139,7 @@ def matryoshka_methods(cfg, source, mesh, workdir) -> list[Method]:
   config_lib.validate(mcfg)
   wd = os.path.join(workdir, 'matryoshka')
   l1 = _level1(mcfg, source, mesh, wd)
-  enc = _norm_codes(l1)
+  enc = _encoder(l1)
   counter = coactivation.CoactivationCounter(n1, n2)  # all latents x the inner ones
   for x_bd in source.eval_batches(cfg.data.eval_rows, pipeline.EVAL_BATCH):
     c_bn = enc(x_bd)
@@ -157,7 +153,7 @@ def matryoshka_methods(cfg, source, mesh, workdir) -> list[Method]:
                                                                n2, l1.alive_n),
       'matryoshka_cosine': matryoshka.parents_decoder_cosine(w_dec_nd, n2, l1.alive_n),
   }
-  raw = _codes_fn(l1.params, l1.threshold, l1.arch, l1.k, source.scale)
+  raw = _encoder(l1, source.scale)
   metrics = {'level2/input': 'activations (inner prefix)',
              'level1/inner_alive': int(l1.alive_n[:n2].sum())}
   out = []
@@ -190,12 +186,10 @@ def stacked_sae(cfg, source, mesh, workdir, l1: Level1) -> Method:
   metrics = {'level2/input': 'level-1 codes', 'level2/variance_explained': 1 - l2.ev['fvu'],
              'level2/l0': l2.ev['l0'], 'level2/dead_frac': l2.ev['dead_frac']}
   _export(wd, source.scale, l1, hier, metrics, level2=None, level2_decoder_md=w_dec2_mn @ w1_nd)
-  enc1 = _codes_fn(l1.params, l1.threshold, l1.arch, l1.k, source.scale)
+  enc2 = _encoder(l2)
 
-  def parent_codes(x_bd):
-    c_bn = enc1(x_bd) * np.float32(codes.scale)
-    return np.asarray(recon.encode(l2.params, jnp.asarray(c_bn), l2.threshold, arch=l2.arch,
-                                   k=l2.k))
+  def parent_codes(x_bd):  # raw activations -> level-1 codes as level 2 saw them -> level 2
+    return enc2(codes.encode(x_bd * np.float32(source.scale)))
   return Method('stacked', 'stacked', os.path.join(wd, 'export'), metrics, parent_codes)
 
 

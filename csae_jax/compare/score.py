@@ -137,23 +137,27 @@ def score(export_dir: str, es: EvalSet, *, parent_codes=None, n_perm: int = 200,
   hier, w_dec1_nd = e['hierarchy'], e['w_dec1_nd']
   n1 = len(w_dec1_nd)
   params1 = {k: jnp.asarray(v) for k, v in e['params1'].items()}
-  encode = lambda x: np.asarray(recon.encode(params1, jnp.asarray(x), e['threshold1'],
-                                             arch=e['arch1'], k=e['k1']))
-  ev = recon.evaluate(params1, (es.x_nd[i:i + BATCH] for i in range(0, len(es.x_nd), BATCH)),
-                      e['threshold1'], arch=e['arch1'], k=e['k1'])
+  # one pass over the held-out rows: the codes serve reconstruction, HMS and parent statistics
+  stats, acc = recon.RunningStats(), hier_eval.PerImageAccumulator(es.n_images, n1)
+  parent_parts, parent_child = [], None
+  for i in range(0, len(es.x_nd), BATCH):
+    x_np = es.x_nd[i:i + BATCH]
+    x_bd = jnp.asarray(x_np)
+    c_bn = recon.encode(params1, x_bd, e['threshold1'], arch=e['arch1'], k=e['k1'])
+    stats.add(recon.stats_from_codes(params1, x_bd, c_bn), len(x_bd))
+    c_bn = np.asarray(c_bn)
+    acc.add(c_bn, es.image_id_n[i:i + BATCH])
+    if parent_codes is not None:  # stream the child codes; keep only the (narrow) parent codes
+      p_bm = np.asarray(parent_codes(x_np))
+      if parent_child is None:
+        parent_child = hier_eval.ParentChildAccumulator(hier, n1, p_bm.shape[1])
+      parent_child.add(c_bn, p_bm)
+      parent_parts.append(p_bm)
+  ev = stats.result()
   out = {'level1/variance_explained': 1 - ev['fvu'], 'level1/l0': ev['l0'],
          'level1/dead_frac': ev['dead_frac'], 'level1/alive': len(hier['alive'])}
   n2 = len(e['w_dec2_md']) if e['w_dec2_md'] is not None else len(hier['concepts'])
   out.update(structure.stats(hier, w_dec1_nd, n2))
-  acc = hier_eval.PerImageAccumulator(es.n_images, n1)
-  codes_parts, parent_parts = [], []
-  for i in range(0, len(es.x_nd), BATCH):
-    x_bd = es.x_nd[i:i + BATCH]
-    c_bn = encode(x_bd)
-    acc.add(c_bn, es.image_id_n[i:i + BATCH])
-    if parent_codes is not None:
-      codes_parts.append(c_bn)
-      parent_parts.append(np.asarray(parent_codes(x_bd)))
   per_concept = np.zeros(0)
   acts_in = acc.mean()
   if es.emb_ie is not None:
@@ -162,12 +166,11 @@ def score(export_dir: str, es: EvalSet, *, parent_codes=None, n_perm: int = 200,
   if es.fine_label_i is not None:
     out.update(hier_eval.taxonomy(hier, acts_in, es.fine_label_i, es.coarse_of_fine,
                                   n_perm=n_perm, seed=seed))
-  if parent_codes is not None:
-    child_codes_tn, parent_tm = np.concatenate(codes_parts), np.concatenate(parent_parts)
-    out.update(hier_eval.parent_child_stats(hier, child_codes_tn, parent_tm))
+  if parent_child is not None:
+    out.update(parent_child.result('parent_child'))
     if es.parent_active_nk is not None:
       out['synthetic/parent_detection_f1'] = hier_eval.parent_detection_f1(
-          parent_tm, es.parent_active_nk)
+          np.concatenate(parent_parts), es.parent_active_nk)
   if es.truth is not None:
     t = es.truth
     alive_n = np.zeros(n1, bool)

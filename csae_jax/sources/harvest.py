@@ -32,6 +32,7 @@ from csae_jax import config as config_lib
 from csae_jax import sharding
 from csae_jax.sources import harvest_store, images as images_lib
 from csae_jax.vlms import preprocess, registry
+from csae_jax.vlms import qwen3_vl_vision as vision_lib
 
 
 # Decoding and resizing are PIL work that holds the GIL (threads gave no speed-up), while the 4B
@@ -48,13 +49,20 @@ def _worker_init(images_spec: str, data_dir: str, split: str, model_path: str, i
   _WORKER['pre'] = preprocess.Qwen3VLPreprocessor(model_path, image_size=image_size)
 
 
-def _worker_resize(ids: list[int]) -> np.ndarray:
-  return np.stack([_WORKER['pre'].resize(_WORKER['images'].load(i)) for i in ids])
+def _load_resized(imgs, pre: preprocess.Qwen3VLPreprocessor, ids: list[int]
+                  ) -> tuple[np.ndarray, list]:
+  """[n, S, S, 3] uint8 and the labels, each image read once."""
+  loaded = [imgs.load_labelled(i) for i in ids]
+  return np.stack([pre.resize(im) for im, _ in loaded]), [label for _, label in loaded]
+
+
+def _worker_resize(ids: list[int]) -> tuple[np.ndarray, list]:
+  return _load_resized(_WORKER['images'], _WORKER['pre'], ids)
 
 
 class Preprocessing:
-  """Batches of (pixel_values, grid_thw) for lists of image ids, in order; with workers, two
-  batches are in flight while the device runs."""
+  """Batches of (pixel_values, grid_thw, labels) for lists of image ids, in order; with workers,
+  two batches are in flight while the device runs."""
 
   def __init__(self, cfg: config_lib.HarvestConfig, imgs, pre: preprocess.Qwen3VLPreprocessor):
     self.imgs, self.pre, self.cfg = imgs, pre, cfg
@@ -70,7 +78,8 @@ class Preprocessing:
   def batches(self, id_batches: list[list[int]]):
     if self.pool is None:
       for ids in id_batches:
-        yield self.pre.patchify(np.stack([self.pre.resize(self.imgs.load(i)) for i in ids]))
+        images, labels = _load_resized(self.imgs, self.pre, ids)
+        yield (*self.pre.patchify(images), labels)
       return
     per = max(1, -(-len(id_batches[0]) // self.cfg.workers)) if id_batches else 1
 
@@ -81,7 +90,8 @@ class Preprocessing:
       parts = [f.result() for f in queue.pop(0)]
       if n + 2 < len(id_batches):
         queue.append(submit(id_batches[n + 2]))
-      yield self.pre.patchify(np.concatenate(parts))
+      yield (*self.pre.patchify(np.concatenate([im for im, _ in parts])),
+             [label for _, labels in parts for label in labels])
 
   def close(self):
     if self.pool is not None:
@@ -131,7 +141,6 @@ class Harvester:
       out = self.model.forward(ids_bs, pixels, grid, sites=self.sites)
     else:
       graphdef, state = self._vision
-      from csae_jax.vlms import qwen3_vl_vision as vision_lib  # pylint: disable=g-import-not-at-top
       out = vision_lib.forward(graphdef, state, pixels, grid_thw=vision_lib.static_grid(grid),
                                sites=tuple(self.sites))
     out = jax.device_get({k: out[k].astype(store_dtype) for k in self.sites})
@@ -161,7 +170,7 @@ class Harvester:
 def run(cd, workdir: str) -> dict:
   """Harvests every chunk not yet on disk; returns counts and throughput."""
   cfg = cd if isinstance(cd, config_lib.HarvestConfig) else config_lib.harvest_from_config_dict(cd)
-  port, entry = registry.resolve(cfg.model)
+  port, _ = registry.resolve(cfg.model)
   sites = parse_sites(cfg.sites, port.default_site)
   imgs = images_lib.open_images(cfg.images, data_dir=cfg.data_dir, split=cfg.split)
   n_images = min(len(imgs), cfg.max_images) if cfg.max_images else len(imgs)
@@ -188,12 +197,14 @@ def run(cd, workdir: str) -> dict:
   prep = Preprocessing(cfg, imgs, pre)
   for c in todo:
     lo, hi = c * cfg.chunk_images, min((c + 1) * cfg.chunk_images, n_images)
-    parts = {s: [] for s in sites}
+    parts, chunk_images = {s: [] for s in sites}, {}
     id_batches = [list(range(b0, min(b0 + cfg.batch_size, hi)))
                   for b0 in range(lo, hi, cfg.batch_size)]
     # every batch has batch_size images (the last repeats its final image): one compilation
     padded = [ids + [ids[-1]] * (cfg.batch_size - len(ids)) for ids in id_batches]
-    for ids, (pixels, grid) in zip(id_batches, prep.batches(padded)):
+    for ids, (pixels, grid, labels) in zip(id_batches, prep.batches(padded)):
+      chunk_images.update({str(i): {'file': imgs.key(i), 'label': label}
+                           for i, label in zip(ids, labels)})
       out = harvester(pixels, grid, np.asarray(ids), cfg.store_dtype)
       for s in sites:
         parts[s].append(out[s])
@@ -205,12 +216,11 @@ def run(cd, workdir: str) -> dict:
     for s, st in stores.items():
       acts = np.concatenate([a for a, _ in parts[s]])
       index = {k: np.concatenate([ix[k] for _, ix in parts[s]]) for k in parts[s][0][1]}
-      st.write_chunk(c, acts, index, cfg.store_dtype)
+      st.write_chunk(c, acts, index, cfg.store_dtype, chunk_images)
   bar.close()
   prep.close()
   elapsed = time.perf_counter() - (t_first or t0)
-  images_json = {str(i): {'file': imgs.key(i), 'label': imgs.label(i)} for i in range(n_images)}
-  rows = {s: st.finalize(n_chunks, images_json) for s, st in stores.items()}
+  rows = {s: st.finalize(n_chunks) for s, st in stores.items()}
   result = {'stage': 'harvest', 'sites': sites, 'n_images': n_images,
             'rows': rows, 'dirs': {s: st.dir for s, st in stores.items()},
             'chunks_run': len(todo),

@@ -4,7 +4,8 @@
         shard_00000.npy ...   [n_tokens, d] activations of the chunk's images (export format)
         shard_00000.idx.npz   the chunk's rows: image_id, token_index, row, col
         index.npz             all rows, aligned with the shards in name order (written at the end)
-        images.json           image_id -> {"file": key, "label": label or null}
+        shard_00000.images.json   the chunk's images: id -> {"file": key, "label": label or null}
+        images.json           all chunks' images (written at the end)
         manifest.json         what made it (model, site, image size, prompt, images, chunking)
 
 A chunk is complete when its shard and its .idx.npz exist (both written to a temporary name and
@@ -47,16 +48,21 @@ class SiteStore:
     os.makedirs(self.dir, exist_ok=True)
     ckpt_lib.write_json_atomic(path, want)
 
-  def _paths(self, chunk: int) -> tuple[str, str]:
+  def _paths(self, chunk: int) -> tuple[str, str, str]:
     return (os.path.join(self.dir, f'shard_{chunk:05d}.npy'),
-            os.path.join(self.dir, f'shard_{chunk:05d}.idx.npz'))
+            os.path.join(self.dir, f'shard_{chunk:05d}.idx.npz'),
+            os.path.join(self.dir, f'shard_{chunk:05d}.images.json'))
 
   def done(self, chunk: int) -> bool:
-    return all(os.path.exists(p) for p in self._paths(chunk))
+    return all(os.path.exists(p) for p in self._paths(chunk))  # images.json is written first
 
   def write_chunk(self, chunk: int, acts_td: np.ndarray, index: dict[str, np.ndarray],
-                  dtype: str) -> None:
-    shard, idx = self._paths(chunk)
+                  dtype: str, images: dict) -> None:
+    """images: the chunk's image id -> {"file", "label"}, recorded where the images were read
+    (a TFDS record decodes whole: reading labels again at the end would decode every image
+    twice)."""
+    shard, idx, images_path = self._paths(chunk)
+    ckpt_lib.write_json_atomic(images_path, images)
     lengths = {k: len(v) for k, v in index.items()}
     if any(n != len(acts_td) for n in lengths.values()):
       raise AssertionError(f'index lengths {lengths} != {len(acts_td)} rows')  # a bug, not input
@@ -69,12 +75,13 @@ class SiteStore:
     os.replace(tmp, shard)  # shard first: a chunk counts as done only once its index exists
     os.replace(tmp_idx, idx)
 
-  def finalize(self, n_chunks: int, images: dict) -> int:
+  def finalize(self, n_chunks: int) -> int:
     """index.npz (all chunks, shard order) and images.json; returns the number of rows."""
-    parts = []
+    parts, images = [], {}
     for c in range(n_chunks):
       with np.load(self._paths(c)[1]) as z:
         parts.append({k: z[k] for k in z.files})
+      images.update(ckpt_lib.read_json(self._paths(c)[2]))
     index = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     tmp = os.path.join(self.dir, '.index.tmp')
     with open(tmp, 'wb') as f:

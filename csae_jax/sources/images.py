@@ -44,6 +44,9 @@ class ImageFolder:
     parent = os.path.dirname(self.files[i])
     return parent or None
 
+  def load_labelled(self, i: int) -> tuple[Image.Image, str | None]:
+    return self.load(i), self.label(i)
+
   def load(self, i: int) -> Image.Image:
     path = os.path.join(self.root, self.files[i])
     try:
@@ -90,15 +93,22 @@ class TFDSImages:
                        f'set --config.image_key')
     return rec
 
-  def label(self, i: int) -> str | None:
-    rec = self._source[i]
+  def _label_of(self, rec: dict) -> str | None:
     if self.label_key not in rec:
       return None
     v = int(np.asarray(rec[self.label_key]))
     return self._names[v] if self._names else str(v)
 
+  def label(self, i: int) -> str | None:
+    return self._label_of(self._source[i])
+
+  def load_labelled(self, i: int) -> tuple[Image.Image, str | None]:
+    """Image and label from one record read (a TFDS record decodes whole, image included)."""
+    rec = self._record(i)
+    return Image.fromarray(np.asarray(rec[self.image_key])).convert('RGB'), self._label_of(rec)
+
   def load(self, i: int) -> Image.Image:
-    return Image.fromarray(np.asarray(self._record(i)[self.image_key])).convert('RGB')
+    return self.load_labelled(i)[0]
 
 
 def open_images(spec: str, *, data_dir: str = '', split: str = 'train'):

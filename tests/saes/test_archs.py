@@ -84,9 +84,7 @@ def _small(arch_level1='batch_topk', **kw):
   c.level2.restarts = 2
   c.data.eval_rows = 4096
   c.level1.arch = arch_level1
-  for key, value in kw.items():
-    a, b = key.split('.')
-    c[a][b] = value
+  c.update_from_flattened_dict(kw)
   return c
 
 
@@ -126,12 +124,13 @@ def test_every_arch_trains_as_the_level2_sae(tmp_path, level1_done, arch):
   assert m['synthetic/parent_ari'] > 0.3, m
 
 
-def test_sparse_gather_decoding_matches_dense_topk():
+def _sparse_matches_dense(h):
+  """Loss and gradients of sparse (gather) decoding equal dense decoding; returns the sparse
+  loss output. 40 latents, 10 of them dead, so AuxK is on."""
   params = common.init_params(jax.random.key(0), 12, 40)
   params['b_dec'] = jnp.linspace(-1, 1, 12)
   x = jax.random.normal(jax.random.key(1), (16, 12))
-  since = jnp.where(jnp.arange(40) < 30, 0, 10**6)  # 10 dead latents: AuxK is on
-  h = _hyper(arch='topk', k=4, k_aux=6, auxk_weight=1 / 32, dead_tokens=100, d=12)
+  since = jnp.where(jnp.arange(40) < 30, 0, 10**6)
   dense = jax.value_and_grad(lambda p: objective.sae_loss(h, p, since, x, 5).loss)
   sparse = jax.value_and_grad(
       lambda p: objective.sae_loss(h._replace(sparse_decode=True), p, since, x, 5).loss)
@@ -139,7 +138,12 @@ def test_sparse_gather_decoding_matches_dense_topk():
   assert float(ld) == pytest.approx(float(ls), rel=1e-5)
   for key in ('w_enc', 'b_enc', 'w_dec', 'b_dec'):
     np.testing.assert_allclose(np.asarray(gd[key]), np.asarray(gs[key]), rtol=1e-4, atol=1e-6)
-  out = objective.sae_loss(h._replace(sparse_decode=True), params, since, x, 5)
+  return objective.sae_loss(h._replace(sparse_decode=True), params, since, x, 5)
+
+
+def test_sparse_gather_decoding_matches_dense_topk():
+  out = _sparse_matches_dense(
+      _hyper(arch='topk', k=4, k_aux=6, auxk_weight=1 / 32, dead_tokens=100, d=12))
   assert np.all(np.sum(np.asarray(out.codes_bn) > 0, -1) <= 4)
 
 
@@ -155,18 +159,6 @@ def test_batch_topk_threshold_encode_matches_training_l0_within_10_percent(tmp_p
 
 @pytest.mark.parametrize('arch', ['batch_topk', 'matryoshka'])
 def test_sparse_decoding_matches_dense_for_batch_level_selection(arch):
-  params = common.init_params(jax.random.key(0), 12, 40)
-  params['b_dec'] = jnp.linspace(-1, 1, 12)
-  x = jax.random.normal(jax.random.key(1), (16, 12))
-  since = jnp.where(jnp.arange(40) < 30, 0, 10**6)
-  h = _hyper(arch=arch, k=3, k_aux=6, auxk_weight=1 / 32, dead_tokens=100, d=12,
-             groups=(10, 30))
-  dense = jax.value_and_grad(lambda p: objective.sae_loss(h, p, since, x, 5).loss)
-  sparse = jax.value_and_grad(
-      lambda p: objective.sae_loss(h._replace(sparse_decode=True), p, since, x, 5).loss)
-  (ld, gd), (ls, gs) = dense(params), sparse(params)
-  assert float(ld) == pytest.approx(float(ls), rel=1e-5)
-  for key in ('w_enc', 'b_enc', 'w_dec', 'b_dec'):
-    np.testing.assert_allclose(np.asarray(gd[key]), np.asarray(gs[key]), rtol=1e-4, atol=1e-6)
-  out = objective.sae_loss(h._replace(sparse_decode=True), params, since, x, 5)
+  out = _sparse_matches_dense(_hyper(arch=arch, k=3, k_aux=6, auxk_weight=1 / 32,
+                                     dead_tokens=100, d=12, groups=(10, 30)))
   assert int(np.sum(np.asarray(out.codes_bn) > 0)) == 3 * 16

@@ -58,15 +58,15 @@ def test_store_chunks_resume_and_read_back(tmp_path):
                                   overwrite=False)
   assert store.dir.endswith('vision_block_1')
   a0, i0 = _chunk(rng, 6)
-  store.write_chunk(0, a0, i0, 'float32')
+  store.write_chunk(0, a0, i0, 'float32', {'0': {'file': 'x.png', 'label': None}})
   assert store.done(0) and not store.done(1)
   # a second store with the same settings sees the finished chunk (resume)
   again = harvest_store.SiteStore(str(tmp_path), 'vision/block_1', {'model': 'm'},
                                   overwrite=False)
   assert again.done(0)
   a1, i1 = _chunk(rng, 4)
-  again.write_chunk(1, a1, i1, 'float16')
-  n = again.finalize(2, {'0': {'file': 'x.png', 'label': None}})
+  again.write_chunk(1, a1, i1, 'float16', {'1': {'file': 'y.png', 'label': 'cat'}})
+  n = again.finalize(2)
   assert n == 10
   src = arrays.ArraySource(again.dir, batch_size=2, seed=0, holdout_rows=2)
   assert src.n_rows == 10 and src.d == 4
@@ -78,7 +78,7 @@ def test_store_chunks_resume_and_read_back(tmp_path):
 
 def test_store_refuses_other_settings(tmp_path):
   harvest_store.SiteStore(str(tmp_path), 's', {'model': 'a'}, overwrite=False).write_chunk(
-      0, *_chunk(np.random.default_rng(0), 2), 'float32')
+      0, *_chunk(np.random.default_rng(0), 2), 'float32', {})
   with pytest.raises(ValueError, match=r"differs in \['model'\]"):
     harvest_store.SiteStore(str(tmp_path), 's', {'model': 'b'}, overwrite=False)
   fresh = harvest_store.SiteStore(str(tmp_path), 's', {'model': 'b'}, overwrite=True)
