@@ -36,6 +36,8 @@ class SyntheticConfig:
   log_mag_std: float = 0.25
   noise_std: float = 0.02
   seed: int = 1234
+  scene_size: int = 1
+  scene_cooccur: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,7 +115,7 @@ class SweepConfig:
 
 
 COMPARE_FAMILIES = ('csae', 'joint', 'stop_gradient', 'flat', 'matryoshka', 'stacked',
-                    'clustering')
+                    'clustering', 'oracle')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,7 +144,7 @@ class Config:
   overwrite: bool = False
   data: DataConfig = DataConfig()
   level1: SAEConfig = SAEConfig()
-  level2: SAEConfig = SAEConfig(k=1)
+  level2: SAEConfig = SAEConfig(arch='topk', k=1)
   train: TrainConfig = TrainConfig()
   joint: JointConfig = JointConfig()
   sweep: SweepConfig = SweepConfig()
@@ -267,11 +269,14 @@ def validate(cfg: Config) -> Config:
                      'set --config.data.path to a harvested activations folder (synthetic data '
                      'uses its ground truth as the embedding)')
   s = cfg.data.synthetic
-  for name in ('d', 'n_parents', 'n_children'):
+  for name in ('d', 'n_parents', 'n_children', 'scene_size'):
     _positive(f'data.synthetic.{name}', getattr(s, name))
+  if s.n_parents % s.scene_size:
+    raise ValueError(f'data.synthetic.scene_size = {s.scene_size} must divide data.synthetic.'
+                     f'n_parents = {s.n_parents} (scenes are consecutive groups of parents)')
   if not 0 <= s.child_parent_cos <= 1:
     raise ValueError('data.synthetic.child_parent_cos must be in [0, 1]')
-  for name in ('p_parent', 'parent_emission'):
+  for name in ('p_parent', 'parent_emission', 'scene_cooccur'):
     if not 0 <= getattr(s, name) <= 1:
       raise ValueError(f'data.synthetic.{name} must be a probability in [0, 1]')
   if cfg.mesh.model < 1 or (cfg.mesh.data < 1 and cfg.mesh.data != -1):

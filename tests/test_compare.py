@@ -15,7 +15,7 @@ from experiments.configs import compare as compare_config
 
 METHODS = ['csae', 'csae_joint_alpha1', 'csae_partial', 'csae_bilateral', 'flat_coactivation',
            'matryoshka_conditional', 'matryoshka_cosine', 'stacked', 'agglomerative',
-           'spectral', 'kmeans']
+           'spectral', 'kmeans', 'oracle']
 
 
 def _small(**over):
@@ -56,6 +56,9 @@ def test_every_method_is_exported_and_scored(compared):
   # the grouping baselines share CSAE's level 1: identical level-1 numbers
   for m in ('flat_coactivation', 'stacked', 'kmeans'):
     assert results[m]['level1/variance_explained'] == results['csae']['level1/variance_explained']
+  # the oracle groups CSAE's level 1 by the true parents, whose directions are its level 2
+  assert results['oracle']['level2/concepts_used'] <= _small().data.synthetic.n_parents
+  assert results['oracle']['synthetic/parent_mcc'] == pytest.approx(1.0, abs=1e-5)
   md = open(os.path.join(wd, 'compare.md')).read()
   assert all(f'| {m} |' in md for m in METHODS)
   assert os.path.getsize(os.path.join(wd, 'compare_hms.png')) > 5000
@@ -118,3 +121,30 @@ def test_compare_config_errors():
     config_lib.from_config_dict(_small(**{'compare.embeddings': 'x.npy'}))
   with pytest.raises(ValueError, match='variant'):
     compare_config.get_config('huge')
+  scenes = config_lib.from_config_dict(compare_config.get_config('scenes'))
+  assert (scenes.data.synthetic.scene_size, scenes.data.synthetic.scene_cooccur) == (2, 0.9)
+
+
+def test_oracle_groups_the_level1_features_by_their_true_parent(tmp_path):
+  """The oracle row: each alive feature under the true parent of its closest true child (a
+  noisy copy included); dead features stay out; real data (no ground truth) has no oracle."""
+  from csae_jax.compare import methods as methods_lib  # pylint: disable=g-import-not-at-top
+  src = synthetic.SyntheticSource(config_lib.SyntheticConfig(), batch_size=512, seed=0)
+  t = src.truth
+  rng = np.random.default_rng(0)
+  noisy = t.children_cd[5] + 0.1 * rng.standard_normal(t.children_cd.shape[1])
+  w_nd = np.concatenate([t.children_cd, noisy[None], rng.standard_normal((1, src.d))])
+  alive_n = np.ones(len(w_nd), bool)
+  alive_n[-1] = False
+  n, d = w_nd.shape
+  l1 = methods_lib.Level1({'w_enc': w_nd.T.astype(np.float32), 'b_enc': np.zeros(n, np.float32),
+                           'w_dec': w_nd.astype(np.float32), 'b_dec': np.zeros(d, np.float32)},
+                          -1.0, 'topk', 4, alive_n, {})
+  (m,) = methods_lib.oracle_grouping(src, str(tmp_path), l1)
+  hier = json.load(open(os.path.join(m.export_dir, 'hierarchy.json')))
+  parent_n = np.full(n, -1)
+  for c in hier['concepts']:
+    parent_n[c['members']] = c['id']
+  want = np.concatenate([t.parent_of_child_c, [t.parent_of_child_c[5]], [-1]])
+  np.testing.assert_array_equal(parent_n, want)
+  assert methods_lib.oracle_grouping(object(), str(tmp_path), l1) == []

@@ -120,6 +120,8 @@ def test_none_allowed_only_for_optional_fields():
     (lambda d: d['train'].update(batch_size=-4), 'train.batch_size'),
     (lambda d: d['level1'].update(k_anneal_frac=1.0), 'level1.k_anneal_frac'),
     (lambda d: d['data']['synthetic'].update(p_parent=1.5), 'data.synthetic.p_parent'),
+    (lambda d: d['data']['synthetic'].update(scene_cooccur=-0.1), 'data.synthetic.scene_cooccur'),
+    (lambda d: d['data']['synthetic'].update(scene_size=3), 'data.synthetic.scene_size'),
 ])
 def test_bad_values_raise_naming_the_key(mutate, key):
   with pytest.raises(ValueError, match=key.replace('.', r'\.')):

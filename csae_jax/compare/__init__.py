@@ -45,6 +45,8 @@ def _methods(cfg, source, mesh, workdir) -> list[methods_lib.Method]:
     out.append(methods_lib.stacked_sae(cfg, source, mesh, workdir, l1))
   if 'clustering' in fams:
     out += methods_lib.clustering_methods(cfg, source, workdir, l1)
+  if 'oracle' in fams:
+    out += methods_lib.oracle_grouping(source, workdir, l1)
   return out
 
 

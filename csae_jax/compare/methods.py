@@ -216,3 +216,22 @@ def clustering_methods(cfg, source, workdir, l1: Level1) -> list[Method]:
             level2_decoder_md=centres_md)
     out.append(Method(name, 'clustering', os.path.join(workdir, name, 'export'), metrics))
   return out
+
+
+def oracle_grouping(source, workdir, l1: Level1) -> list[Method]:
+  """Synthetic data only: the same alive level-1 features grouped by the true parent of the
+  true child each one is closest to (cosine). The ceiling of any grouping of this level 1: a
+  method scoring like it on a metric cannot be beaten on that metric by a better grouping."""
+  truth = getattr(source, 'truth', None)
+  if truth is None:
+    return []
+  alive_ids = np.nonzero(l1.alive_n)[0]
+  w_nd = np.asarray(jax.device_get(l1.params['w_dec']))
+  rows_rd = w_nd[alive_ids] / np.linalg.norm(w_nd[alive_ids], axis=1, keepdims=True)
+  cos_rc = rows_rd @ truth.children_cd.T
+  labels_r = truth.parent_of_child_c[cos_rc.argmax(1)]
+  hier = hierarchy_lib.build(labels_r, cos_rc.max(1), alive_ids)
+  metrics = {'level2/input': 'ground truth'}
+  _export(os.path.join(workdir, 'oracle'), source.scale, l1, hier, metrics, level2=None,
+          level2_decoder_md=truth.parents_kd)
+  return [Method('oracle', 'oracle', os.path.join(workdir, 'oracle', 'export'), metrics)]

@@ -82,6 +82,12 @@ class SyntheticSource:
     cfg, t = self.cfg, self.truth
     k, c = cfg.n_parents, cfg.n_children
     active_nk = rng.random((n, k)) < cfg.p_parent
+    if cfg.scene_cooccur and cfg.scene_size > 1:
+      # Scenes: consecutive groups of scene_size parents; each non-leader copies its leader's
+      # state with probability scene_cooccur (marginals stay p_parent, concepts co-occur).
+      leader_k = np.arange(k) // cfg.scene_size * cfg.scene_size
+      copy_nk = (rng.random((n, k)) < cfg.scene_cooccur) & (np.arange(k) != leader_k)
+      active_nk = np.where(copy_nk, active_nk[:, leader_k], active_nk)
     choice_nk = rng.integers(0, c, size=(n, k))
     mag_nk = rng.lognormal(cfg.log_mag_mean, cfg.log_mag_std, size=(n, k))
     child_coef_nc = np.zeros((n, k * c), np.float32)

@@ -11,11 +11,15 @@ trains, on the built-in synthetic hierarchy (or `--config.data.path=DIR`, your a
   matryoshka_cosine         the same SAE; parent = the inner feature with the closest decoder row
   stacked                   an SAE on the level-1 codes; parent = argmax of the decoder column
   agglomerative / spectral / kmeans   clustering of the level-1 decoder rows into n2 groups
+  oracle                    synthetic only: the same level-1 features grouped by their true parent
+                            (the ceiling: a method scoring like it cannot be beaten on that score)
 and writes WD/<method>/export/ (the CSAE export format, scored the same way), WD/compare.json,
 WD/compare.md (the table), WD/compare_hms.png and WD/compare_recon.png.
 
 Variants: `:small` (CI / Colab quick run), `:control` (purely statistical hierarchy: children
-share no direction with their parent, a = 0, no parent emission), `:small_control`.
+share no direction with their parent, a = 0, no parent emission), `:small_control`, `:scenes`
+(parents co-occur in pairs, scene_cooccur = 0.9, as concepts do in images; the sweep over it is
+experiments/sweeps/scene_cooccur.py).
 
 It takes every key of experiments/configs/csae.py (data.path, level1.*, level2.*, train.*,
 joint.*, mesh.*), plus the `compare` group below. On your own activations:
@@ -31,22 +35,27 @@ from experiments.configs import csae
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variants = {None: (None, False), '': (None, False), 'small': ('small', False),
-              'control': (None, True), 'small_control': ('small', True)}
+  variants = {None: (None, ''), '': (None, ''), 'small': ('small', ''),
+              'control': (None, 'control'), 'small_control': ('small', 'control'),
+              'scenes': (None, 'scenes')}
   if arg not in variants:
     raise ValueError(f'unknown config variant {arg!r}; known: "small", "control", '
-                     f'"small_control"')
-  base, control = variants[arg]
+                     f'"small_control", "scenes"')
+  base, data = variants[arg]
   c = csae.get_config(base)
   c.mode = 'compare'
-  if control:
+  if data == 'control':
     c.data.synthetic.child_parent_cos = 0.0
     c.data.synthetic.parent_emission = 0.0
+  elif data == 'scenes':
+    c.data.synthetic.scene_size = 2
+    c.data.synthetic.scene_cooccur = 0.9
 
   m = c.compare = ml_collections.ConfigDict()
   # Method families to run (comma-separated): csae, joint, stop_gradient, flat, matryoshka,
-  # stacked, clustering. The shared level 1 (CSAE staged's) is always trained.
-  m.methods = 'csae,joint,stop_gradient,flat,matryoshka,stacked,clustering'
+  # stacked, clustering, oracle (synthetic only). The shared level 1 (CSAE staged's) is always
+  # trained.
+  m.methods = 'csae,joint,stop_gradient,flat,matryoshka,stacked,clustering,oracle'
   # Train seeds: one comparison each (WD/seed_<s>/) and a mean +- std table. '' = train.seed.
   m.seeds = ''
   # Joint CSAE (no stop-gradient) at each of these alphas (the paper: 1.0).

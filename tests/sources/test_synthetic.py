@@ -93,6 +93,25 @@ def test_parent_activity_rate():
   assert np.all(np.abs(active_nk.mean(0) - p) < 5 * std_k)
 
 
+def test_scenes_keep_marginals_and_make_scene_members_co_occur():
+  cfg = _cfg(n_parents=8, scene_size=4, scene_cooccur=0.8, p_parent=0.25)
+  _, _, active_nk = _src(cfg).sample(np.random.default_rng(0), 40000)
+  np.testing.assert_allclose(active_nk.mean(0), 0.25, atol=0.01)
+  corr_kk = np.corrcoef(active_nk.T)
+  # Members of one scene (parents 0-3): corr(leader, member) = c; two members: c^2.
+  np.testing.assert_allclose(corr_kk[0, 1:4], 0.8, atol=0.02)
+  np.testing.assert_allclose(corr_kk[1, 2:4], 0.64, atol=0.03)
+  # Different scenes stay independent.
+  assert np.abs(corr_kk[:4, 4:]).max() < 0.03
+
+
+def test_scenes_off_leave_the_data_unchanged():
+  base = _src().sample(np.random.default_rng(3), 500)[0]
+  for kw in ({'scene_size': 2}, {'scene_cooccur': 0.9}):
+    np.testing.assert_array_equal(_src(_cfg(**kw)).sample(np.random.default_rng(3), 500)[0],
+                                  base)
+
+
 def test_no_emission_no_noise_x_is_child_combination():
   src = _src(_cfg(noise_std=0.0, parent_emission=0.0))
   x_nd, coef_nc, _ = src.sample(np.random.default_rng(2), 500)
