@@ -121,8 +121,12 @@ def test_compare_config_errors():
     config_lib.from_config_dict(_small(**{'compare.embeddings': 'x.npy'}))
   with pytest.raises(ValueError, match='variant'):
     compare_config.get_config('huge')
-  scenes = config_lib.from_config_dict(compare_config.get_config('scenes'))
-  assert (scenes.data.synthetic.scene_size, scenes.data.synthetic.scene_cooccur) == (2, 0.9)
+  with pytest.raises(ValueError, match='variant'):
+    compare_config.get_config('small_small')
+  syn = lambda v: config_lib.from_config_dict(compare_config.get_config(v)).data.synthetic
+  assert (syn('').scene_size, syn('').scene_cooccur, syn('').child_parent_cos) == (2, 0.5, 0.6)
+  assert syn('independent').scene_cooccur == 0.0
+  assert (syn('small_control').child_parent_cos, syn('small_control').scene_cooccur) == (0.0, 0.5)
 
 
 def test_oracle_groups_the_level1_features_by_their_true_parent(tmp_path):

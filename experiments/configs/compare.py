@@ -16,10 +16,12 @@ trains, on the built-in synthetic hierarchy (or `--config.data.path=DIR`, your a
 and writes WD/<method>/export/ (the CSAE export format, scored the same way), WD/compare.json,
 WD/compare.md (the table), WD/compare_hms.png and WD/compare_recon.png.
 
-Variants: `:small` (CI / Colab quick run), `:control` (purely statistical hierarchy: children
-share no direction with their parent, a = 0, no parent emission), `:small_control`, `:scenes`
-(parents co-occur in pairs, scene_cooccur = 0.9, as concepts do in images; the sweep over it is
-experiments/sweeps/scene_cooccur.py).
+The default data is the built-in hierarchy with co-occurring parents (scene_size 2,
+scene_cooccur 0.5: concepts come together in images). Variants, '_'-joined: `:small` (CI / Colab
+quick run), `:independent` (parents independent, the pipeline's default data), `:control`
+(purely statistical hierarchy: children share no direction with their parent, a = 0, no parent
+emission), e.g. `:small_control`. The sweep over scene_cooccur is
+experiments/sweeps/scene_cooccur.py.
 
 It takes every key of experiments/configs/csae.py (data.path, level1.*, level2.*, train.*,
 joint.*, mesh.*), plus the `compare` group below. On your own activations:
@@ -35,21 +37,24 @@ from experiments.configs import csae
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-  variants = {None: (None, ''), '': (None, ''), 'small': ('small', ''),
-              'control': (None, 'control'), 'small_control': ('small', 'control'),
-              'scenes': (None, 'scenes')}
-  if arg not in variants:
-    raise ValueError(f'unknown config variant {arg!r}; known: "small", "control", '
-                     f'"small_control", "scenes"')
-  base, data = variants[arg]
-  c = csae.get_config(base)
+  # A variant is '' or '_'-joined tokens, e.g. 'small_control'.
+  tokens = [t for t in (arg or '').split('_') if t]
+  known = ('small', 'independent', 'control')
+  if any(t not in known for t in tokens) or len(set(tokens)) != len(tokens):
+    raise ValueError(f'unknown config variant {arg!r}; use "" or "_"-joined tokens of {known}, '
+                     f'e.g. "small", "control", "small_control", "independent"')
+  c = csae.get_config('small' if 'small' in tokens else None)
   c.mode = 'compare'
-  if data == 'control':
+  # The comparison's data: concepts co-occur in scenes (pairs of parents, the second copying the
+  # first's state half the time), as objects and their context do in images. With independent
+  # parents (`:independent`) co-activation of a flat n2 SAE with a child is exactly its
+  # parent, so co-activation ties the true grouping's HMS and no method can beat it there;
+  # co-occurrence is what separates grouping by geometry from grouping by co-firing (README).
+  c.data.synthetic.scene_size = 2
+  c.data.synthetic.scene_cooccur = 0.0 if 'independent' in tokens else 0.5
+  if 'control' in tokens:
     c.data.synthetic.child_parent_cos = 0.0
     c.data.synthetic.parent_emission = 0.0
-  elif data == 'scenes':
-    c.data.synthetic.scene_size = 2
-    c.data.synthetic.scene_cooccur = 0.9
 
   m = c.compare = ml_collections.ConfigDict()
   # Method families to run (comma-separated): csae, joint, stop_gradient, flat, matryoshka,
@@ -74,7 +79,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Real data only. JSON {fine label: coarse label} for the labels in the harvest's images.json:
   # taxonomy consistency of each concept's children vs the null.
   m.taxonomy = ''
-  if base == 'small':
+  if 'small' in tokens:
     m.n_perm = 50
     m.alphas = '1.0'
   return c
