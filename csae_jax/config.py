@@ -129,6 +129,10 @@ class CompareConfig:
   n_perm: int = 200                 # random partitions in each HMS / taxonomy null
   null_seed: int = 0
   embeddings: str = ''              # real data: [n_images, e] .npy reference embeddings
+  embedding_model: str = ''         # real data: or a vision port's (registry name); '' = none
+  embedding_model_path: str = ''    # its local checkpoint folder
+  embedding_site: str = ''          # its site; '' = the port's embedding site
+  embedding_pool: str = 'mean'      # tokens -> one vector per image: mean | cls
   taxonomy: str = ''                # real data: json {fine label: coarse label}
 
 
@@ -264,10 +268,25 @@ def validate(cfg: Config) -> Config:
     _positive('compare.alphas', a)
   _positive('compare.n_perm', c.n_perm)
   _positive('compare.baseline_k', c.baseline_k, allow_zero=True)
-  if cfg.mode == 'compare' and not cfg.data.path and (c.embeddings or c.taxonomy):
-    raise ValueError('compare.embeddings / compare.taxonomy describe the images of real data; '
-                     'set --config.data.path to a harvested activations folder (synthetic data '
-                     'uses its ground truth as the embedding)')
+  if cfg.mode == 'compare' and not cfg.data.path and (c.embeddings or c.taxonomy
+                                                       or c.embedding_model):
+    raise ValueError('compare.embeddings / embedding_model / taxonomy describe the images of '
+                     'real data; set --config.data.path to a harvested activations folder '
+                     '(synthetic data uses its ground truth as the embedding)')
+  if c.embeddings and c.embedding_model:
+    raise ValueError('compare.embeddings and compare.embedding_model both give the reference '
+                     'embeddings; keep one (--config.compare.embeddings= or '
+                     '--config.compare.embedding_model=)')
+  _one_of('compare.embedding_pool', c.embedding_pool, ('mean', 'cls'))
+  if c.embedding_model:
+    from csae_jax.vlms import registry  # pylint: disable=g-import-not-at-top
+    try:
+      registry.resolve(c.embedding_model)
+    except ValueError as e:
+      raise ValueError(f'compare.embedding_model: {e}') from e
+    if not c.embedding_model_path:
+      raise ValueError('compare.embedding_model needs its checkpoint folder: set '
+                       '--config.compare.embedding_model_path=DIR')
   s = cfg.data.synthetic
   for name in ('d', 'n_parents', 'n_children', 'scene_size'):
     _positive(f'data.synthetic.{name}', getattr(s, name))

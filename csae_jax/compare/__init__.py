@@ -3,7 +3,9 @@
 `run(cfg, source, mesh, workdir)` trains every selected method (`compare.methods`), writes each
 one's export under `<workdir>/<method>/export/`, scores them all with one scorer and writes
 `compare.json`, `compare.md` and the plots. Resumable: every SAE stage resumes from its
-checkpoint, so a killed comparison continues where it stopped.
+checkpoint, so a killed comparison continues where it stopped. HMS reference embeddings computed
+by a vision port (`compare.embedding_model`) are cached in `<workdir>/embeddings/`; `embed_fn`
+(image ids -> [len(ids), e]) plugs in any other encoder from Python.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from csae_jax import config as config_lib
 from csae_jax import pipeline
 from csae_jax.compare import methods as methods_lib
 from csae_jax.compare import report, score
+from csae_jax.evals import embeddings as embeddings_lib
 
 FAMILY_ORDER = config_lib.COMPARE_FAMILIES
 
@@ -50,29 +53,49 @@ def _methods(cfg, source, mesh, workdir) -> list[methods_lib.Method]:
   return out
 
 
-def eval_set(cfg, source) -> score.EvalSet:
+def embedding_fn(cfg, workdir: str = '') -> embeddings_lib.EmbedFn | None:
+  """The config's port embeddings (compare.embedding_model; None without one), cached in
+  <workdir>/embeddings/ (no cache without a workdir)."""
+  if not cfg.data.path:
+    return None
+  return embeddings_lib.from_config(
+      cfg.compare, cfg.data.path, cache=os.path.join(workdir, 'embeddings') if workdir else '')
+
+
+def eval_set(cfg, source, embed_fn: embeddings_lib.EmbedFn | None = None,
+             workdir: str = '') -> score.EvalSet:
+  """The held-out set; on real data its reference embeddings come from `embed_fn` when given
+  (any callable: image ids -> [len(ids), e]), else from compare.embeddings or
+  compare.embedding_model (cached under <workdir>/embeddings/ when workdir is set)."""
   if cfg.data.path:
+    embed_fn = embed_fn or embedding_fn(cfg, workdir)
     return score.harvested_eval_set(source, cfg.data.eval_rows, cfg.compare.embeddings,
-                                    cfg.compare.taxonomy)
+                                    cfg.compare.taxonomy, embed_fn=embed_fn)
+  if embed_fn is not None:
+    raise ValueError('an embedding function describes the images of real data; set data.path '
+                     '(synthetic data uses its ground truth as the embedding)')
   return score.synthetic_eval_set(source, cfg.data.eval_rows)
 
 
-def run(cfg: config_lib.Config, source, mesh, workdir: str) -> dict:
+def run(cfg: config_lib.Config, source, mesh, workdir: str,
+        embed_fn: embeddings_lib.EmbedFn | None = None) -> dict:
   """One comparison per seed of `compare.seeds` (in <workdir>/seed_<s>/ when several), then
   the mean and std over seeds (a grouping's ARI moves by several hundredths between seeds:
-  a single-seed gap of that size is not a difference between methods)."""
+  a single-seed gap of that size is not a difference between methods). embed_fn: HMS reference
+  embeddings of real data (default: the config's, computed once for every seed)."""
   seeds = config_lib.compare_seeds(cfg.compare) or [cfg.train.seed]
+  embed_fn = embed_fn or embedding_fn(cfg, workdir)
   if len(seeds) == 1:
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seeds[0]))
     if source.seed != seeds[0]:
       source = pipeline.make_source(cfg)
-    return run_one(cfg, source, mesh, workdir)
+    return run_one(cfg, source, mesh, workdir, embed_fn)
   t0 = time.perf_counter()
   per_seed = {}
   for s in seeds:
     cfg_s = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=s))
     per_seed[s] = run_one(cfg_s, pipeline.make_source(cfg_s), mesh,
-                          os.path.join(workdir, f'seed_{s}'))['compare/results']
+                          os.path.join(workdir, f'seed_{s}'), embed_fn)['compare/results']
   mean, std = report.aggregate(per_seed)
   header = (f'# CSAE vs baselines, mean +- std over seeds {seeds}\n\nPer seed: '
             + ', '.join(f'seed_{s}/compare.md' for s in seeds) + '.')
@@ -82,10 +105,11 @@ def run(cfg: config_lib.Config, source, mesh, workdir: str) -> dict:
           'wall_s': round(time.perf_counter() - t0, 2)}
 
 
-def run_one(cfg: config_lib.Config, source, mesh, workdir: str) -> dict:
+def run_one(cfg: config_lib.Config, source, mesh, workdir: str,
+            embed_fn: embeddings_lib.EmbedFn | None = None) -> dict:
   t0 = time.perf_counter()
   trained = _methods(cfg, source, mesh, workdir)
-  es = eval_set(cfg, source)
+  es = eval_set(cfg, source, embed_fn, workdir)
   results, per_concept = {}, {}
   for m in trained:
     logging.info('scoring %s', m.name)

@@ -5,8 +5,9 @@ format (CSAE, a baseline, or one a user made) is scored the same way.
 Reference embeddings for HMS: on the synthetic data each held-out sample is a one-token "image"
 and its reference embedding is the true active-parent indicator (two features are coherent
 siblings when they fire on samples with the same parents), which validates the HMS code end to
-end; on harvested activations, `compare.embeddings` gives one embedding per image id of the
-harvest's index.npz (any vision encoder's output, e.g. DINO CLS vectors).
+end; on harvested activations, one embedding per image id of the harvest's index.npz comes from
+an `embeddings.EmbedFn`: a provided array (`compare.embeddings`, e.g. DINO CLS vectors), a
+vision port run over the harvest's images (`compare.embedding_model`), or any callable.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 from csae_jax import checkpoint as ckpt_lib
 from csae_jax import export
 from csae_jax.cascade import hierarchy as hierarchy_lib
+from csae_jax.evals import embeddings as embeddings_lib
 from csae_jax.evals import hierarchy as hier_eval
 from csae_jax.evals import recon, structure
 from csae_jax.evals import synthetic as synthetic_eval
@@ -53,10 +55,14 @@ def synthetic_eval_set(source, eval_rows: int) -> EvalSet:
                  truth=source.truth)
 
 
-def harvested_eval_set(source, eval_rows: int, embeddings: str = '', taxonomy: str = ''
-                       ) -> EvalSet:
+def harvested_eval_set(source, eval_rows: int, embeddings: str = '', taxonomy: str = '',
+                       embed_fn: embeddings_lib.EmbedFn | None = None) -> EvalSet:
   """Held-out rows of an activations folder; image ids from its index.npz (a harvest's
-  export), embeddings from `embeddings` ([n_images, e] .npy, row = image id)."""
+  export), embeddings from `embeddings` ([n_images, e] .npy, row = image id) or `embed_fn`
+  (image ids -> [len(ids), e])."""
+  if embeddings and embed_fn is not None:
+    raise ValueError('reference embeddings given twice: compare.embeddings and an embedding '
+                     'function (compare.embedding_model or embed_fn); keep one')
   ids_n = source.eval_row_ids(eval_rows)
   x_nd = source.read_rows(ids_n)
   folder = source.path if os.path.isdir(source.path) else os.path.dirname(source.path)
@@ -69,18 +75,17 @@ def harvested_eval_set(source, eval_rows: int, embeddings: str = '', taxonomy: s
       raise ValueError(f'{index_path} has {len(image_id_all)} rows but the activations have '
                        f'{source.n_rows}; re-harvest so the index matches the shards')
     image_id_n = image_id_all[ids_n]
-  elif embeddings or taxonomy:
-    raise ValueError(f'compare.embeddings / compare.taxonomy need the image of every row: '
-                     f'{index_path} is missing (harvest with experiments/configs/harvest.py '
+  elif embeddings or taxonomy or embed_fn is not None:
+    raise ValueError(f'compare.embeddings / embedding_model / taxonomy need the image of every '
+                     f'row: {index_path} is missing (harvest with experiments/configs/harvest.py '
                      f'writes it)')
   n_images = int(image_id_n.max()) + 1 if image_id_n is not None else len(ids_n)
   if image_id_n is None:
     image_id_n = np.arange(len(ids_n))
   if embeddings:
-    emb_ie = np.load(embeddings).astype(np.float32)
-    if emb_ie.ndim != 2 or len(emb_ie) < n_images:
-      raise ValueError(f'compare.embeddings {embeddings!r} has shape {emb_ie.shape}; it needs '
-                       f'one row per image id, at least [{n_images}, e]')
+    emb_ie = embeddings_lib.from_array(embeddings, n_images)
+  elif embed_fn is not None:
+    emb_ie = embeddings_lib.call(embed_fn, n_images)
   if taxonomy:
     fine_i, coarse_f = _taxonomy_labels(folder, taxonomy, n_images)
   return EvalSet(x_nd=x_nd, image_id_n=image_id_n, n_images=n_images, emb_ie=emb_ie,

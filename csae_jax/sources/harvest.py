@@ -167,6 +167,19 @@ class Harvester:
     return acts[:n * per], index
 
 
+def site_batches(prep: Preprocessing, harvester: Harvester, ids: list[int], batch_size: int,
+                 store_dtype: str):
+  """Yields (batch's image ids, their labels, {site: (acts_td, index)}) over `ids` in order.
+
+  Every forward has batch_size images (a short last batch repeats its final image, whose rows
+  are dropped): one compilation. Harvesting and the reference embeddings
+  (csae_jax.evals.embeddings) both read images through here, so image id i is the same image."""
+  id_batches = [ids[b0:b0 + batch_size] for b0 in range(0, len(ids), batch_size)]
+  padded = [b + [b[-1]] * (batch_size - len(b)) for b in id_batches]
+  for b, (pixels, grid, labels) in zip(id_batches, prep.batches(padded)):
+    yield b, labels[:len(b)], harvester(pixels, grid, np.asarray(b), store_dtype)
+
+
 def run(cd, workdir: str) -> dict:
   """Harvests every chunk not yet on disk; returns counts and throughput."""
   cfg = cd if isinstance(cd, config_lib.HarvestConfig) else config_lib.harvest_from_config_dict(cd)
@@ -198,14 +211,10 @@ def run(cd, workdir: str) -> dict:
   for c in todo:
     lo, hi = c * cfg.chunk_images, min((c + 1) * cfg.chunk_images, n_images)
     parts, chunk_images = {s: [] for s in sites}, {}
-    id_batches = [list(range(b0, min(b0 + cfg.batch_size, hi)))
-                  for b0 in range(lo, hi, cfg.batch_size)]
-    # every batch has batch_size images (the last repeats its final image): one compilation
-    padded = [ids + [ids[-1]] * (cfg.batch_size - len(ids)) for ids in id_batches]
-    for ids, (pixels, grid, labels) in zip(id_batches, prep.batches(padded)):
+    for ids, labels, out in site_batches(prep, harvester, list(range(lo, hi)), cfg.batch_size,
+                                         cfg.store_dtype):
       chunk_images.update({str(i): {'file': imgs.key(i), 'label': label}
                            for i, label in zip(ids, labels)})
-      out = harvester(pixels, grid, np.asarray(ids), cfg.store_dtype)
       for s in sites:
         parts[s].append(out[s])
       if t_first is None:

@@ -23,11 +23,18 @@ class Checkpoint:
 class Port:
   name: str
   default_site: str
+  # Reference embedding (csae_jax.evals.embeddings): the site whose tokens, pooled per image,
+  # are the image's embedding by default, and whether its first token is a CLS token (pool='cls').
+  embedding_site: str = ''
+  cls_token: bool = False
 
 
 PORTS = {
     # The last vision block of the 4B/8B vision tower (depth 24) is block 23, the paper's site.
-    'qwen3-vl': Port('qwen3-vl', 'vision/block_23'),
+    # Embedding: the tower's own output (every block, then the 2x2 patch merger), i.e. what the
+    # language model receives as the image: the nearest thing to an image embedding Qwen3-VL
+    # has. It has no CLS token, so its tokens are mean-pooled.
+    'qwen3-vl': Port('qwen3-vl', 'vision/block_23', embedding_site='vision/merger'),
 }
 
 CHECKPOINTS = {

@@ -29,6 +29,15 @@ joint.*, mesh.*), plus the `compare` group below. On your own activations:
     python -m experiments.run --config=experiments/configs/compare.py \
         --config.data.path=WD_HARVEST/activations/vision_block_23 \
         --config.compare.embeddings=EMB.npy --config.compare.taxonomy=COARSE.json --workdir=WD
+
+or, instead of a provided EMB.npy, the reference embeddings computed by a vision port over the
+same images the harvest read (cached in WD/embeddings/ for the next run):
+
+    python -m experiments.run --config=experiments/configs/compare.py \
+        --config.data.path=WD_HARVEST/activations/vision_block_23 \
+        --config.compare.embedding_model=qwen3-vl --config.compare.embedding_model_path=DIR \
+        --config.compare.embedding_site=vision/merger --config.compare.embedding_pool=mean \
+        --workdir=WD
 """
 
 import ml_collections
@@ -76,6 +85,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # image id i of the activations' index.npz (e.g. DINO CLS vectors; the paper uses DINOv3).
   # Synthetic data uses the true active-parent indicator of each sample instead.
   m.embeddings = ''
+  # Real data only, instead of `embeddings`: a vision port of csae_jax.vlms.registry run over the
+  # harvest's own images (row i = image id i), cached in WD/embeddings/. '' = none.
+  m.embedding_model = ''
+  m.embedding_model_path = ''  # its local checkpoint folder (nothing is downloaded)
+  m.embedding_site = ''        # the site embedded; '' = the port's (Qwen3-VL: vision/merger)
+  m.embedding_pool = 'mean'    # one vector per image: 'mean' of its tokens, or 'cls' (if any)
   # Real data only. JSON {fine label: coarse label} for the labels in the harvest's images.json:
   # taxonomy consistency of each concept's children vs the null.
   m.taxonomy = ''
