@@ -139,7 +139,8 @@ def _select_restart(cfg, st, rows_rd) -> tuple[dict, float, dict]:
                   'level2/restart_selected': best}
 
 
-def _unit_rows(params) -> np.ndarray:
+def unit_rows(params) -> np.ndarray:
+  """[n, d] float32 unit decoder rows of an SAE's params (level 2's training data)."""
   w_nd = np.asarray(jax.device_get(params['w_dec']), np.float32)
   return w_nd / np.maximum(np.linalg.norm(w_nd, axis=1, keepdims=True), 1e-12)
 
@@ -209,7 +210,7 @@ def run(cd_or_cfg, workdir: str, *, hooks=()) -> dict:
   if cfg.mode == 'staged':
     res1, stage1, ev1, alive = train_level1(cfg, source, mesh, workdir, hooks=hooks)
     p1, thr1 = res1.state.params['level1'], float(res1.state.threshold['level1'])
-    rows_rd = _unit_rows(p1)[alive]
+    rows_rd = unit_rows(p1)[alive]
     s2 = cfg.level2
     row_source = rows_lib.RowSource(rows_rd, batch_size=s2.batch_size or min(len(rows_rd), 4096),
                                     seed=t.seed)
@@ -237,7 +238,7 @@ def run(cd_or_cfg, workdir: str, *, hooks=()) -> dict:
       if s != cfg.joint.level2_start:
         return st
       alive_n = np.asarray(jax.device_get(st.since_fired['level1'])) < spec1.hyper.dead_tokens
-      rows = _unit_rows(st.params['level1'])[alive_n if alive_n.any() else slice(None)]
+      rows = unit_rows(st.params['level1'])[alive_n if alive_n.any() else slice(None)]
       fresh = init_sae(key2, cfg.level2, rows)
       params = {**st.params, 'level2': jax.device_put(
           fresh, jax.tree.map(lambda a: a.sharding, st.params['level2']))}
@@ -255,7 +256,7 @@ def run(cd_or_cfg, workdir: str, *, hooks=()) -> dict:
     p1, thr1 = res.state.params['level1'], float(res.state.threshold['level1'])
     p2, thr2 = res.state.params['level2'], float(res.state.threshold['level2'])
     ev1, alive = _eval_level1(cfg, source, p1, thr1)
-    rows_rd = _unit_rows(p1)[alive]
+    rows_rd = unit_rows(p1)[alive]
     metrics.update(_level2_metrics(cfg, p2, thr2, rows_rd))
     histories = {'joint': res.history}
     stages = [stage]
@@ -263,7 +264,7 @@ def run(cd_or_cfg, workdir: str, *, hooks=()) -> dict:
   alive_ids = np.nonzero(alive)[0]
   parent_r, strength_r = hierarchy_lib.assign_parents(p2, rows_rd, cfg.level2.assign_threshold)
   hier = hierarchy_lib.build(parent_r, strength_r, alive_ids)
-  w_dec1 = _unit_rows(p1)
+  w_dec1 = unit_rows(p1)
   metrics.update({
       'config_hash': config_lib.stable_hash(cfg), 'mode': cfg.mode, 'd': d,
       'level1/n_latents': cfg.level1.n_latents, 'level1/k': cfg.level1.k,

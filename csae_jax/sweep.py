@@ -68,7 +68,7 @@ def run(cfg: config_lib.Config, source, mesh, workdir: str, *, hooks=()) -> dict
       alive = ev['fires_n'] > 0
       n = len(alive)
       row['child_mcc'] = synthetic_eval.scores(
-          source.truth.children_cd, source.truth.parent_of_child_c, pipeline._unit_rows(p),  # pylint: disable=protected-access
+          source.truth.children_cd, source.truth.parent_of_child_c, pipeline.unit_rows(p),
           alive, np.full(n, -1))['synthetic/child_mcc']
     rows.append(row)
   out_dir = os.path.join(workdir, 'sweep')

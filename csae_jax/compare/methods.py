@@ -52,6 +52,11 @@ class Level1:
   alive_n: np.ndarray
   ev: dict
 
+  def alive_rows(self) -> tuple[np.ndarray, np.ndarray]:
+    """(ids of the alive features [r], their unit decoder rows [r, d]): what groupings group."""
+    alive_ids = np.nonzero(self.alive_n)[0]
+    return alive_ids, pipeline.unit_rows(self.params)[alive_ids]
+
 
 def _encoder(l: 'Level1', scale: float = 1.0) -> Callable[[np.ndarray], np.ndarray]:
   """Inference codes of an SAE trained on inputs scaled by `scale`, for unscaled inputs
@@ -196,9 +201,7 @@ def stacked_sae(cfg, source, mesh, workdir, l1: Level1) -> Method:
 def clustering_methods(cfg, source, workdir, l1: Level1) -> list[Method]:
   """Agglomerative (cosine, average linkage), spectral and k-means on the unit decoder rows."""
   n2, seed = cfg.level2.n_latents, cfg.train.seed
-  alive_ids = np.nonzero(l1.alive_n)[0]
-  w_nd = np.asarray(jax.device_get(l1.params['w_dec']))
-  rows_rd = w_nd[alive_ids] / np.linalg.norm(w_nd[alive_ids], axis=1, keepdims=True)
+  alive_ids, rows_rd = l1.alive_rows()
   n_clusters = min(n2, len(rows_rd))
   algos = {'agglomerative': lambda: clustering.agglomerative(rows_rd, n_clusters),
            'spectral': lambda: clustering.spectral(rows_rd, n_clusters, seed),
@@ -225,9 +228,7 @@ def oracle_grouping(source, workdir, l1: Level1) -> list[Method]:
   truth = getattr(source, 'truth', None)
   if truth is None:
     return []
-  alive_ids = np.nonzero(l1.alive_n)[0]
-  w_nd = np.asarray(jax.device_get(l1.params['w_dec']))
-  rows_rd = w_nd[alive_ids] / np.linalg.norm(w_nd[alive_ids], axis=1, keepdims=True)
+  alive_ids, rows_rd = l1.alive_rows()
   cos_rc = rows_rd @ truth.children_cd.T
   labels_r = truth.parent_of_child_c[cos_rc.argmax(1)]
   hier = hierarchy_lib.build(labels_r, cos_rc.max(1), alive_ids)
