@@ -215,7 +215,8 @@ def schedule(args) -> dict:
 
 def run_ours(args, arch: str, meta: dict, x_eval: np.ndarray) -> dict:
   import jax
-  from csae_jax import pipeline
+  from csae_jax import stages
+  from csae_jax.cascade import level1 as level1_lib
   from experiments.configs import csae as csae_config
 
   cd = csae_config.get_config()
@@ -238,12 +239,13 @@ def run_ours(args, arch: str, meta: dict, x_eval: np.ndarray) -> dict:
       cd.train[key] = value
   workdir = tempfile.mkdtemp(prefix=f'peer_ours_{arch}_')  # fresh: nothing to resume
   try:
-    cfg, source, mesh = pipeline.setup(cd, workdir)
+    cfg, source, mesh = stages.setup(cd, workdir)
     assert abs(source.scale - meta['scale']) < 1e-6 * meta['scale'], (source.scale, meta['scale'])
     log(f'ours {arch}: {args.steps} steps x {args.batch_size}, lr {args.lr}, devices '
         f'{jax.device_count()} ({jax.default_backend()})')
     t0 = time.perf_counter()
-    res, stage, ev, alive = pipeline.train_level1(cfg, source, mesh, workdir)
+    l1, res, stage = level1_lib.train(cfg, source, mesh, workdir)
+    ev = l1.ev
     wall = time.perf_counter() - t0
     stage.close()
     p = {k: np.asarray(jax.device_get(v)) for k, v in res.state.params['level1'].items()}

@@ -24,17 +24,33 @@ B_DEC_INITS = ('geometric_median', 'mean', 'zeros')
 DECODER_INITS = ('random', 'data', 'kmeans++')
 
 
+ACTIVE_COUNTS = ('bernoulli', 'poisson', 'fixed')
+
+
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
   d: int = 128
   n_parents: int = 16
   n_children: int = 4
+  # > n_children: unequal branching, parent i has a count drawn uniformly from
+  # [n_children, n_children_max] (from the dictionary seed); 0 = every parent has n_children.
+  n_children_max: int = 0
   child_parent_cos: float = 0.6
+  # Cosine between the two parents of each consecutive pair (0, 1), (2, 3), ...: 0 = orthonormal.
+  parent_corr: float = 0.0
   p_parent: float = 0.2
+  # How many parents are active in a sample: 'bernoulli' (each independently with p_parent),
+  # 'poisson' (Poisson(mean_active) many, capped at n_parents, chosen uniformly) or 'fixed'
+  # (exactly round(mean_active)); mean_active 0 = n_parents * p_parent.
+  active_count: str = 'bernoulli'
+  mean_active: float = 0.0
   parent_emission: float = 0.0
   log_mag_mean: float = 0.0
   log_mag_std: float = 0.25
   noise_std: float = 0.02
+  # > noise_std: anisotropic noise, per-dimension std spread evenly over [noise_std,
+  # noise_std_max] in a random order of the dimensions; 0 = isotropic noise_std.
+  noise_std_max: float = 0.0
   seed: int = 1234
   scene_size: int = 1
   scene_cooccur: float = 0.0
@@ -50,7 +66,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SAEConfig:
-  arch: str = 'batch_topk'
+  arch: str = 'topk'
   n_latents: int = 0
   k: int = 0
   recipe: str = 'default'
@@ -77,13 +93,20 @@ class SAEConfig:
   batch_size: int = 0
   lr: float = 1e-3
   assign_threshold: float = 1e-3
+  # Level-2 concepts (cascade/concepts.py): the SAE trains oversplit x n_latents latents (at most
+  # half the rows), then fragments of one concept are merged (cross / within similarity of their
+  # members >= merge_ratio; 0 = no merging), rows move to the concept their members are most
+  # similar to (refine), and at most n_latents concepts are kept (the most coherent).
+  oversplit: float = 2.0
+  merge_ratio: float = 0.7
+  refine: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   steps: int = 4000
   batch_size: int = 1024
-  lr: float = 2e-3
+  lr: float = 0.0  # 0 = auto_lr(level1.n_latents)
   seed: int = 0
   warmup_steps: int = 100
   decay_start: float = 0.8
@@ -115,7 +138,7 @@ class SweepConfig:
 
 
 COMPARE_FAMILIES = ('csae', 'joint', 'stop_gradient', 'flat', 'matryoshka', 'stacked',
-                    'clustering', 'oracle')
+                    'clustering', 'reference', 'oracle')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +169,7 @@ class MeshConfig:
 class Config:
   mode: str = 'staged'
   overwrite: bool = False
+  stability: bool = False   # staged / joint: train a second seed, report stability/* (ARI)
   data: DataConfig = DataConfig()
   level1: SAEConfig = SAEConfig()
   level2: SAEConfig = SAEConfig(arch='topk', k=1)
@@ -224,6 +248,12 @@ def _validate_sae(key: str, sae: SAEConfig) -> None:
     _positive(f'{key}.{name}', getattr(sae, name), allow_zero=True)
   _positive(f'{key}.steps', sae.steps)
   _positive(f'{key}.restarts', sae.restarts)
+  if sae.oversplit < 1:
+    raise ValueError(f'config key {key}.oversplit must be >= 1 (1: train exactly n_latents '
+                     f'level-2 latents), got {sae.oversplit}')
+  if not 0 <= sae.merge_ratio <= 2:
+    raise ValueError(f'config key {key}.merge_ratio must be in [0, 2] (0: no merging; ~0.7: '
+                     f'merge fragments of one concept), got {sae.merge_ratio}')
   if not 0 <= sae.alive_min_density < 1:
     raise ValueError(f'config key {key}.alive_min_density must be in [0, 1)')
   _positive(f'{key}.lr', sae.lr)
@@ -243,8 +273,9 @@ def validate(cfg: Config) -> Config:
   _validate_sae('level1', cfg.level1)
   _validate_sae('level2', cfg.level2)
   t = cfg.train
-  for name in ('steps', 'batch_size', 'lr', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
+  for name in ('steps', 'batch_size', 'log_every', 'checkpoint_every', 'keep_checkpoints'):
     _positive(f'train.{name}', getattr(t, name))
+  _positive('train.lr', t.lr, allow_zero=True)  # 0: auto_lr(n1)
   _positive('train.warmup_steps', t.warmup_steps, allow_zero=True)
   _one_of('train.lr_schedule', t.lr_schedule, LR_SCHEDULES)
   _one_of('train.compute_dtype', t.compute_dtype, ('float32', 'bfloat16'))
@@ -287,20 +318,47 @@ def validate(cfg: Config) -> Config:
     if not c.embedding_model_path:
       raise ValueError('compare.embedding_model needs its checkpoint folder: set '
                        '--config.compare.embedding_model_path=DIR')
-  s = cfg.data.synthetic
-  for name in ('d', 'n_parents', 'n_children', 'scene_size'):
-    _positive(f'data.synthetic.{name}', getattr(s, name))
-  if s.n_parents % s.scene_size:
-    raise ValueError(f'data.synthetic.scene_size = {s.scene_size} must divide data.synthetic.'
-                     f'n_parents = {s.n_parents} (scenes are consecutive groups of parents)')
-  if not 0 <= s.child_parent_cos <= 1:
-    raise ValueError('data.synthetic.child_parent_cos must be in [0, 1]')
-  for name in ('p_parent', 'parent_emission', 'scene_cooccur'):
-    if not 0 <= getattr(s, name) <= 1:
-      raise ValueError(f'data.synthetic.{name} must be a probability in [0, 1]')
+  validate_synthetic(cfg.data.synthetic)
   if cfg.mesh.model < 1 or (cfg.mesh.data < 1 and cfg.mesh.data != -1):
     raise ValueError('mesh.data must be >= 1 or -1 (all devices), mesh.model >= 1')
   return cfg
+
+
+def mean_active_parents(s: SyntheticConfig) -> float:
+  """Expected number of active parents per sample (scenes keep the marginals)."""
+  if s.active_count == 'bernoulli':
+    return s.n_parents * s.p_parent
+  mean = min(s.mean_active or s.n_parents * s.p_parent, s.n_parents)
+  return float(round(mean)) if s.active_count == 'fixed' else mean
+
+
+def validate_synthetic(s: SyntheticConfig, key: str = 'data.synthetic') -> SyntheticConfig:
+  for name in ('d', 'n_parents', 'n_children', 'scene_size'):
+    _positive(f'{key}.{name}', getattr(s, name))
+  if s.n_children_max and s.n_children_max < s.n_children:
+    raise ValueError(f'{key}.n_children_max = {s.n_children_max} must be 0 (equal branching) '
+                     f'or >= {key}.n_children = {s.n_children}')
+  if not 0 <= s.parent_corr < 1:
+    raise ValueError(f'{key}.parent_corr must be in [0, 1), got {s.parent_corr}')
+  _one_of(f'{key}.active_count', s.active_count, ACTIVE_COUNTS)
+  _positive(f'{key}.mean_active', s.mean_active, allow_zero=True)
+  if s.active_count != 'bernoulli' and (s.mean_active or s.n_parents * s.p_parent) > s.n_parents:
+    raise ValueError(f'{key}.mean_active = {s.mean_active} exceeds {key}.n_parents = '
+                     f'{s.n_parents}')
+  for name in ('noise_std', 'noise_std_max', 'log_mag_std'):
+    _positive(f'{key}.{name}', getattr(s, name), allow_zero=True)
+  if s.noise_std_max and s.noise_std_max < s.noise_std:
+    raise ValueError(f'{key}.noise_std_max = {s.noise_std_max} must be 0 (isotropic) or >= '
+                     f'{key}.noise_std = {s.noise_std}')
+  if s.n_parents % s.scene_size:
+    raise ValueError(f'{key}.scene_size = {s.scene_size} must divide {key}.'
+                     f'n_parents = {s.n_parents} (scenes are consecutive groups of parents)')
+  if not 0 <= s.child_parent_cos <= 1:
+    raise ValueError(f'{key}.child_parent_cos must be in [0, 1]')
+  for name in ('p_parent', 'parent_emission', 'scene_cooccur'):
+    if not 0 <= getattr(s, name) <= 1:
+      raise ValueError(f'{key}.{name} must be a probability in [0, 1]')
+  return s
 
 
 def from_config_dict(cd: Any) -> Config:
@@ -393,6 +451,17 @@ def matryoshka_groups(spec: str, n: int) -> tuple[int, ...]:
     raise ValueError(f'matryoshka_groups must be comma-separated integers, got {spec!r}') from e
 
 
+# sparsify's rule (EleutherAI): 2e-4 at 2^14 latents, scaled by 1 / sqrt(n) (larger dictionaries
+# get smaller steps: every latent's gradient comes from fewer inputs).
+AUTO_LR_BASE, AUTO_LR_LATENTS = 2e-4, 2 ** 14
+
+
+def auto_lr(n_latents: int) -> float:
+  """The default level-1 learning rate: 2e-4 * sqrt(2^14 / n1) (2.3e-3 at n1 = 128, 1.1e-3 at
+  512, 1.8e-4 at 20,000, where the paper uses 1e-4)."""
+  return AUTO_LR_BASE * (AUTO_LR_LATENTS / n_latents) ** 0.5
+
+
 def resolve(cfg: Config, *, d: int, synthetic_atoms: int | None = None) -> Config:
   """Fills the auto sizes once the data dimension d is known.
 
@@ -405,7 +474,7 @@ def resolve(cfg: Config, *, d: int, synthetic_atoms: int | None = None) -> Confi
   s = cfg.data.synthetic
   if synthetic_atoms is not None:
     n1_auto = 2 * synthetic_atoms
-    expected_active = s.n_parents * s.p_parent * (1 + s.parent_emission)
+    expected_active = mean_active_parents(s) * (1 + s.parent_emission)
     k1_auto = max(1, int(-(-expected_active // 1)))
     n2_auto = s.n_parents + -(-s.n_parents // 4)  # 1.25 K: room for a few non-child atoms
   else:
@@ -421,7 +490,8 @@ def resolve(cfg: Config, *, d: int, synthetic_atoms: int | None = None) -> Confi
   if level2.n_latents > level1.n_latents:
     raise ValueError(f'level2.n_latents = {level2.n_latents} exceeds level1.n_latents = '
                      f'{level1.n_latents}: level 2 groups level-1 features, make it smaller')
-  return dataclasses.replace(cfg, level1=level1, level2=level2)
+  train = t if t.lr else dataclasses.replace(t, lr=auto_lr(level1.n_latents))
+  return dataclasses.replace(cfg, level1=level1, level2=level2, train=train)
 
 
 def to_dict(cfg: Any) -> dict:

@@ -15,7 +15,7 @@ import numpy as np
 
 from csae_jax import checkpoint as ckpt_lib
 from csae_jax import config as config_lib
-from csae_jax import pipeline
+from csae_jax import stages
 from csae_jax.evals import recon
 from csae_jax.evals import synthetic as synthetic_eval
 from csae_jax.reports import plots
@@ -46,17 +46,17 @@ def run(cfg: config_lib.Config, source, mesh, workdir: str, *, hooks=()) -> dict
         'l0_coeff': np.asarray([m['l0_coeff'] for m in members], np.float32),
         'target_l0': (k_n.astype(np.float32) if s1.target_l0 < 0
                       else np.full(len(members), s1.target_l0, np.float32))}
-  x0_bd = pipeline.first_global_batch(source)
-  stage = pipeline._stage(cfg, workdir, 'sweep', ('data', 'level1', 'train', 'sweep'), source)  # pylint: disable=protected-access
-  spec = pipeline.level_spec(s1, source.d, t.steps, t.compute_dtype)
+  x0_bd = stages.first_global_batch(source)
+  stage = stages.make_stage(cfg, workdir, 'sweep', ('data', 'level1', 'train', 'sweep'), source)
+  spec = stages.level_spec(s1, source.d, t.steps, t.compute_dtype)
   res = loop.fit(
       stage=stage, mesh=mesh, levels={'level1': spec},
       init_params=lambda: {'level1': jax.tree.map(lambda *xs: jnp.stack(xs), *[
-          pipeline.init_sae(jax.random.key(int(m['seeds'])), s1, x0_bd) for m in members])},
-      optimizer=pipeline._optimizer(t.lr, t.steps, t), source=source, steps=t.steps,  # pylint: disable=protected-access
+          stages.init_sae(jax.random.key(int(m['seeds'])), s1, x0_bd) for m in members])},
+      optimizer=stages.optimizer(t.lr, t.steps, t), source=source, steps=t.steps,
       log_every=t.log_every, checkpoint_every=t.checkpoint_every, hooks=hooks,
       desc=f'sweep x{len(members)}', stacked=True, stack_hparams=hp)
-  eval_rows = list(source.eval_batches(cfg.data.eval_rows, pipeline.EVAL_BATCH))  # read once
+  eval_rows = list(source.eval_batches(cfg.data.eval_rows, stages.EVAL_BATCH))  # read once
   rows = []
   for r, m in enumerate(members):
     p = jax.tree.map(lambda a, r=r: a[r], res.state.params['level1'])
@@ -67,9 +67,11 @@ def run(cfg: config_lib.Config, source, mesh, workdir: str, *, hooks=()) -> dict
     if not cfg.data.path:
       alive = ev['fires_n'] > 0
       n = len(alive)
-      row['child_mcc'] = synthetic_eval.scores(
-          source.truth.children_cd, source.truth.parent_of_child_c, pipeline.unit_rows(p),
-          alive, np.full(n, -1))['synthetic/child_mcc']
+      sc = synthetic_eval.scores(source.truth.children_cd, source.truth.parent_of_child_c,
+                                 stages.unit_rows(p), alive, np.full(n, -1))
+      row['child_mcc'] = sc['synthetic/child_mcc']
+      row['children_recovered'] = sc['synthetic/children_recovered']
+      row['child_mean_max_cos'] = sc['synthetic/child_mean_max_cos']
     rows.append(row)
   out_dir = os.path.join(workdir, 'sweep')
   if jax.process_index() == 0:

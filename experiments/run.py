@@ -1,6 +1,6 @@
 """Command line: `python -m experiments.run [--config=experiments/configs/csae.py] [--workdir=WD]`.
 
-Only parses flags; the library's `csae_jax.pipeline.run(config, workdir)` does the work (the
+Only parses flags; the library's `csae_jax.modes.run(config, workdir)` does the work (the
 same function a Colab or a test calls).
 """
 
@@ -17,9 +17,14 @@ _WORKDIR = flags.DEFINE_string('workdir', None,
 
 SUMMARY_KEYS = (
     'level1/variance_explained', 'level1/l0', 'level1/dead_frac', 'level1/alive',
-    'level2/variance_explained', 'level2/concepts_used', 'level2/concepts_ge2',
-    'level2/largest_concept_share', 'level2/near_duplicate_sibling_frac', 'level2/collapsed',
-    'synthetic/child_mcc', 'synthetic/parent_ari', 'synthetic/parent_nmi', 'wall_s')
+    'level2/variance_explained', 'level2/latents_trained', 'level2/merges',
+    'level2/concepts_used', 'level2/concepts_ge2', 'level2/largest_concept_share',
+    'level2/near_duplicate_sibling_frac', 'level2/collapsed',
+    # signals for data without ground truth (README: "Can I trust these concepts?")
+    'level1/near_duplicate_frac', 'level2/near_duplicate_concepts', 'level2/effective_concepts',
+    'level2/concept_share_p90', 'stability/feature_match', 'stability/concept_ari',
+    'synthetic/child_mcc', 'synthetic/children_recovered', 'synthetic/parent_ari',
+    'synthetic/parent_ari_recovered', 'synthetic/parent_nmi', 'wall_s')
 
 
 def summary(metrics: dict, workdir: str) -> str:
@@ -102,7 +107,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO; keep the bar readable
     logging.set_verbosity(logging.WARNING)
-  from csae_jax import pipeline  # pylint: disable=g-import-not-at-top  (fast --help)
+  from csae_jax import modes  # pylint: disable=g-import-not-at-top  (fast --help)
   workdir = _WORKDIR.value or os.path.join(
       'runs', datetime.datetime.now().strftime('%Y%m%d-%H%M%S'))
   try:
@@ -111,7 +116,7 @@ def main(argv):
       result = harvest.run(_CONFIG.value, workdir)
       print(harvest_summary(result))
       return
-    metrics = pipeline.run(_CONFIG.value, workdir)
+    metrics = modes.run(_CONFIG.value, workdir)
   except ValueError as e:  # user mistakes: one clear line, no traceback
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)

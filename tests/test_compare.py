@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 
 from csae_jax import config as config_lib
-from csae_jax import export, pipeline
+from csae_jax import export, modes
 from csae_jax.compare import score
 from csae_jax.sources import synthetic
 from experiments.configs import compare as compare_config
 
 METHODS = ['csae', 'csae_joint_alpha1', 'csae_partial', 'csae_bilateral', 'flat_coactivation',
            'matryoshka_conditional', 'matryoshka_cosine', 'stacked', 'agglomerative',
-           'spectral', 'kmeans', 'oracle']
+           'spectral', 'kmeans', 'topk_reference', 'oracle']
 
 
 def _small(**over):
@@ -29,7 +29,7 @@ def _small(**over):
 @pytest.fixture(scope='module')
 def compared(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp('compare'))
-  return wd, pipeline.run(_small(), wd)
+  return wd, modes.run(_small(), wd)
 
 
 def test_every_method_is_exported_and_scored(compared):

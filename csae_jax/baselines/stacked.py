@@ -2,7 +2,7 @@
 
 `CodeSource` wraps an activation source and yields the level-1 inference codes of its batches,
 with the same interface as the other sources (`batch(step)`, `global_batch(step)`, `d`, `scale`,
-`fingerprint`, `manifest()`, `eval_batches`), so `loop.fit` and `pipeline.train_level1` train on
+`fingerprint`, `manifest()`, `eval_batches`), so `loop.fit` and `cascade.level1.train` train on
 it unchanged. Codes are scaled to unit mean squared norm like every other source, so the level-2
 recipe (learning rate, thresholds) sees inputs of the size it was tuned for.
 

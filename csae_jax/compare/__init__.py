@@ -17,7 +17,7 @@ import time
 from absl import logging
 
 from csae_jax import config as config_lib
-from csae_jax import pipeline
+from csae_jax import stages
 from csae_jax.compare import methods as methods_lib
 from csae_jax.compare import report, score
 from csae_jax.evals import embeddings as embeddings_lib
@@ -48,6 +48,8 @@ def _methods(cfg, source, mesh, workdir) -> list[methods_lib.Method]:
     out.append(methods_lib.stacked_sae(cfg, source, mesh, workdir, l1))
   if 'clustering' in fams:
     out += methods_lib.clustering_methods(cfg, source, workdir, l1)
+  if 'reference' in fams:
+    out.append(methods_lib.topk_reference(cfg, source, mesh, workdir, l1))
   if 'oracle' in fams:
     out += methods_lib.oracle_grouping(source, workdir, l1)
   return out
@@ -88,13 +90,13 @@ def run(cfg: config_lib.Config, source, mesh, workdir: str,
   if len(seeds) == 1:
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=seeds[0]))
     if source.seed != seeds[0]:
-      source = pipeline.make_source(cfg)
+      source = stages.make_source(cfg)
     return run_one(cfg, source, mesh, workdir, embed_fn)
   t0 = time.perf_counter()
   per_seed = {}
   for s in seeds:
     cfg_s = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=s))
-    per_seed[s] = run_one(cfg_s, pipeline.make_source(cfg_s), mesh,
+    per_seed[s] = run_one(cfg_s, stages.make_source(cfg_s), mesh,
                           os.path.join(workdir, f'seed_{s}'), embed_fn)['compare/results']
   mean, std = report.aggregate(per_seed)
   header = (f'# CSAE vs baselines, mean +- std over seeds {seeds}\n\nPer seed: '

@@ -20,14 +20,13 @@ import os
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from csae_jax import config as config_lib
-from csae_jax import export, pipeline
+from csae_jax import export, pipeline, stages
 from csae_jax.baselines import clustering, coactivation, matryoshka, stacked
 from csae_jax.cascade import hierarchy as hierarchy_lib
-from csae_jax.evals import recon
+from csae_jax.cascade import level1 as level1_lib
 
 # x_bd (raw activations, input space) -> [B, m] parent activations
 ParentCodes = Callable[[np.ndarray], np.ndarray]
@@ -42,37 +41,13 @@ class Method:
   parent_codes: ParentCodes | None = None
 
 
-@dataclasses.dataclass
-class Level1:
-  """A trained level-1 SAE in the normalised input space, with its held-out evaluation."""
-  params: dict
-  threshold: float
-  arch: str
-  k: int
-  alive_n: np.ndarray
-  ev: dict
-
-  def alive_rows(self) -> tuple[np.ndarray, np.ndarray]:
-    """(ids of the alive features [r], their unit decoder rows [r, d]): what groupings group."""
-    alive_ids = np.nonzero(self.alive_n)[0]
-    return alive_ids, pipeline.unit_rows(self.params)[alive_ids]
-
-
-def _encoder(l: 'Level1', scale: float = 1.0) -> Callable[[np.ndarray], np.ndarray]:
-  """Inference codes of an SAE trained on inputs scaled by `scale`, for unscaled inputs
-  (scale = 1: inputs already in its training space)."""
-  def fn(x_bd):
-    x = jnp.asarray(x_bd if scale == 1.0 else x_bd * np.float32(scale))
-    return np.asarray(recon.encode(l.params, x, l.threshold, arch=l.arch, k=l.k))
-  return fn
+Level1 = level1_lib.Level1
 
 
 def _level1(cfg, source, mesh, workdir) -> Level1:
-  res, stage, ev, alive = pipeline.train_level1(cfg, source, mesh, workdir)
+  l1, _, stage = level1_lib.train(cfg, source, mesh, workdir)
   stage.close()
-  s = cfg.level1
-  return Level1(res.state.params['level1'], float(res.state.threshold['level1']), s.arch, s.k,
-                alive, ev)
+  return l1
 
 
 def _baseline_sae_cfg(cfg: config_lib.Config, n: int, d: int) -> config_lib.Config:
@@ -93,12 +68,12 @@ def _export(out_dir: str, scale: float, l1: Level1, hierarchy: dict, metrics: di
 
 
 def csae_staged(cfg, source, mesh, workdir) -> tuple[list[Method], Level1]:
-  """CSAE staged (= meta-SAE on a frozen level 1): the pipeline itself, in <workdir>/csae."""
+  """CSAE staged (= meta-SAE on a frozen level 1): the pipeline itself, in <workdir>/csae.
+  Its level 1 is the shared one the grouping baselines start from."""
   wd = os.path.join(workdir, 'csae')
-  metrics = pipeline.run(dataclasses.replace(cfg, mode='staged'), wd)
-  l1 = _level1(dataclasses.replace(cfg, mode='staged'), source, mesh, wd)  # resumes: no training
-  keep = {k: v for k, v in metrics.items() if k.startswith('level2/') and 'restart' not in k}
-  return [Method('csae', 'csae', os.path.join(wd, 'export'), keep)], l1
+  res = pipeline.fit(dataclasses.replace(cfg, mode='staged'), source, mesh, wd)
+  keep = {k: v for k, v in res.metrics.items() if k.startswith('level2/') and 'restart' not in k}
+  return [Method('csae', 'csae', os.path.join(wd, 'export'), keep)], res.level1
 
 
 def csae_joint(cfg, workdir, *, alpha: float, stop_gradient: str, name: str) -> Method:
@@ -106,7 +81,7 @@ def csae_joint(cfg, workdir, *, alpha: float, stop_gradient: str, name: str) -> 
       cfg.joint, alpha=alpha, stop_gradient=stop_gradient))
   config_lib.validate(jcfg)
   wd = os.path.join(workdir, name)
-  metrics = pipeline.run(jcfg, wd)
+  metrics = pipeline.run(jcfg, wd)  # its own source: the joint config's seed and sizes
   keep = {k: v for k, v in metrics.items() if k.startswith('level2/')}
   return Method(name, 'joint' if stop_gradient == 'none' else 'stop_gradient',
                 os.path.join(wd, 'export'), keep)
@@ -120,8 +95,8 @@ def flat_coactivation(cfg, source, mesh, workdir, l1: Level1) -> Method:
   wd = os.path.join(workdir, 'flat_coactivation')
   l2 = _level1(fcfg, source, mesh, wd)
   counter = coactivation.CoactivationCounter(cfg.level1.n_latents, n2)
-  enc1, enc2 = _encoder(l1), _encoder(l2)
-  for x_bd in source.eval_batches(cfg.data.eval_rows, pipeline.EVAL_BATCH):
+  enc1, enc2 = l1.encoder(), l2.encoder()
+  for x_bd in source.eval_batches(cfg.data.eval_rows, stages.EVAL_BATCH):
     counter.add(enc1(x_bd), enc2(x_bd))
   parent_n, strength_n = coactivation.parents_by_coactivation(
       counter.counts, counter.fires_a, alive_a=l1.alive_n)
@@ -132,7 +107,7 @@ def flat_coactivation(cfg, source, mesh, workdir, l1: Level1) -> Method:
   _export(wd, source.scale, l1, hier, metrics, level2=l2.params, level2_threshold=l2.threshold,
           level2_arch=l2.arch, level2_k=l2.k, level2_scale=source.scale)
   return Method('flat_coactivation', 'flat', os.path.join(wd, 'export'), metrics,
-                _encoder(l2, source.scale))
+                l2.encoder(source.scale))
 
 
 def matryoshka_methods(cfg, source, mesh, workdir) -> list[Method]:
@@ -144,9 +119,9 @@ def matryoshka_methods(cfg, source, mesh, workdir) -> list[Method]:
   config_lib.validate(mcfg)
   wd = os.path.join(workdir, 'matryoshka')
   l1 = _level1(mcfg, source, mesh, wd)
-  enc = _encoder(l1)
+  enc = l1.encoder()
   counter = coactivation.CoactivationCounter(n1, n2)  # all latents x the inner ones
-  for x_bd in source.eval_batches(cfg.data.eval_rows, pipeline.EVAL_BATCH):
+  for x_bd in source.eval_batches(cfg.data.eval_rows, stages.EVAL_BATCH):
     c_bn = enc(x_bd)
     counter.add(c_bn, c_bn[:, :n2])
   w_dec_nd = np.asarray(jax.device_get(l1.params['w_dec']))
@@ -158,7 +133,7 @@ def matryoshka_methods(cfg, source, mesh, workdir) -> list[Method]:
                                                                n2, l1.alive_n),
       'matryoshka_cosine': matryoshka.parents_decoder_cosine(w_dec_nd, n2, l1.alive_n),
   }
-  raw = _encoder(l1, source.scale)
+  raw = l1.encoder(source.scale)
   metrics = {'level2/input': 'activations (inner prefix)',
              'level1/inner_alive': int(l1.alive_n[:n2].sum())}
   out = []
@@ -191,7 +166,7 @@ def stacked_sae(cfg, source, mesh, workdir, l1: Level1) -> Method:
   metrics = {'level2/input': 'level-1 codes', 'level2/variance_explained': 1 - l2.ev['fvu'],
              'level2/l0': l2.ev['l0'], 'level2/dead_frac': l2.ev['dead_frac']}
   _export(wd, source.scale, l1, hier, metrics, level2=None, level2_decoder_md=w_dec2_mn @ w1_nd)
-  enc2 = _encoder(l2)
+  enc2 = l2.encoder()
 
   def parent_codes(x_bd):  # raw activations -> level-1 codes as level 2 saw them -> level 2
     return enc2(codes.encode(x_bd * np.float32(source.scale)))
@@ -219,6 +194,28 @@ def clustering_methods(cfg, source, workdir, l1: Level1) -> list[Method]:
             level2_decoder_md=centres_md)
     out.append(Method(name, 'clustering', os.path.join(workdir, name, 'export'), metrics))
   return out
+
+
+def topk_reference(cfg, source, mesh, workdir, l1: Level1) -> Method:
+  """The plain reference the suite holds level 1 to: a TopK SAE with the AuxK dead-latent loss
+  (Gao et al. 2024: no k annealing, random decoder, encoder = decoder^T) at the same n1, k,
+  steps, batch and learning rate, its rows grouped by k-means into n2 concepts. When CSAE's
+  level 1 is exactly that SAE, it is reused rather than trained twice."""
+  rcfg = dataclasses.replace(cfg, level1=config_lib.resolve_sae(
+      dataclasses.replace(config_lib.SAEConfig(), n_latents=cfg.level1.n_latents,
+                          k=cfg.level1.k, arch='topk', alive_min_density=cfg.level1.alive_min_density),
+      d=source.d, n_latents=cfg.level1.n_latents, k=cfg.level1.k, steps=cfg.train.steps,
+      batch_size=cfg.train.batch_size, key='level1'))
+  shared = rcfg.level1 == cfg.level1
+  ref = l1 if shared else _level1(rcfg, source, mesh, os.path.join(workdir, 'topk_reference'))
+  alive_ids, rows_rd = ref.alive_rows()
+  labels_r, strength_r, centres_md = clustering.kmeans(rows_rd, min(cfg.level2.n_latents,
+                                                                    len(rows_rd)), cfg.train.seed)
+  hier = hierarchy_lib.build(labels_r, strength_r, alive_ids)
+  metrics = {'level2/input': 'decoder rows (k-means)', 'level1/shared_with_csae': shared}
+  wd = os.path.join(workdir, 'topk_reference')
+  _export(wd, source.scale, ref, hier, metrics, level2=None, level2_decoder_md=centres_md)
+  return Method('topk_reference', 'reference', os.path.join(wd, 'export'), metrics)
 
 
 def oracle_grouping(source, workdir, l1: Level1) -> list[Method]:

@@ -69,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Method families to run (comma-separated): csae, joint, stop_gradient, flat, matryoshka,
   # stacked, clustering, oracle (synthetic only). The shared level 1 (CSAE staged's) is always
   # trained.
-  m.methods = 'csae,joint,stop_gradient,flat,matryoshka,stacked,clustering,oracle'
+  m.methods = 'csae,joint,stop_gradient,flat,matryoshka,stacked,clustering,reference,oracle'
   # Train seeds: one comparison each (WD/seed_<s>/) and a mean +- std table. '' = train.seed.
   m.seeds = ''
   # Joint CSAE (no stop-gradient) at each of these alphas (the paper: 1.0).

@@ -11,7 +11,7 @@ import os
 from absl import app, flags, logging
 
 from csae_jax import checkpoint as ckpt_lib
-from csae_jax import pipeline
+from csae_jax import modes
 from experiments.configs import csae
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/joint_sweep', 'Where the runs go.')
@@ -45,7 +45,7 @@ def main(_):
       if 'anneal' in s:
         c.level1.k_anneal_frac = s['anneal']
     wd = os.path.join(_WORKDIR.value, name.replace(' ', '_').replace('=', ''))
-    m = pipeline.run(c, wd)
+    m = modes.run(c, wd)
     rows.append({'setting': name, **{k: m[k] for k in COLUMNS}})
   lines = ['| setting | ' + ' | '.join(k.split('/')[-1] for k in COLUMNS) + ' |',
            '|' + '---|' * (len(COLUMNS) + 1)]

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top,wrong-imp
 import numpy as np  # pylint: disable=wrong-import-position
 
 from csae_jax import checkpoint as ckpt_lib  # pylint: disable=wrong-import-position
-from csae_jax import pipeline  # pylint: disable=wrong-import-position
+from csae_jax import modes  # pylint: disable=wrong-import-position
 from experiments.configs import compare  # pylint: disable=wrong-import-position
 
 _WORKDIR = flags.DEFINE_string('workdir', 'runs/scene_sweep', 'Where the runs go.')
@@ -37,7 +37,7 @@ def run_one(c: float, workdir: str) -> dict:
   cfg.data.synthetic.scene_cooccur = c
   cfg.compare.methods = _METHODS.value
   cfg.compare.seeds = _SEEDS.value
-  pipeline.run(cfg, workdir)
+  modes.run(cfg, workdir)
   return ckpt_lib.read_json(os.path.join(workdir, 'compare.json'))
 
 

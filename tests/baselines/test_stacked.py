@@ -10,7 +10,7 @@ import pytest
 
 from csae_jax import checkpoint as ckpt_lib
 from csae_jax import config as config_lib
-from csae_jax import pipeline, sharding
+from csae_jax import sharding, stages
 from csae_jax.baselines import stacked
 from csae_jax.evals import recon
 from csae_jax.saes import common
@@ -99,12 +99,12 @@ def test_tiny_stacked_level2_trains_on_codes_and_reduces_its_loss(tmp_path):
   sae = config_lib.resolve_sae(config_lib.SAEConfig(arch='topk', n_latents=n2, k=1),
                                d=codes.d, n_latents=n2, k=1, steps=steps, batch_size=B,
                                key='level1')
-  spec = pipeline.level_spec(sae, codes.d, steps)
+  spec = stages.level_spec(sae, codes.d, steps)
   mesh = sharding.make_mesh(config_lib.MeshConfig())
   stage = ckpt_lib.Stage(str(tmp_path), 'stacked', keep=1, overwrite=False, manifest={
       'config_hash': 'test', 'data_fingerprint': codes.fingerprint, 'data': codes.manifest()})
   # host copy: the train state's jitted step donates (deletes) the buffers it was built from
-  init = jax.device_get(pipeline.init_sae(jax.random.key(1), sae, codes.global_batch(0)))
+  init = jax.device_get(stages.init_sae(jax.random.key(1), sae, codes.global_batch(0)))
   res = loop.fit(stage=stage, mesh=mesh, levels={'level2': spec},
                  init_params=lambda: {'level2': init},
                  optimizer=optim.make_optimizer(1e-2, steps, 4, 0.8, 1.0), source=codes,

@@ -9,7 +9,7 @@ import pytest
 
 from csae_jax.cascade import hierarchy
 from csae_jax.config import SyntheticConfig
-from csae_jax.evals import structure
+from csae_jax.evals import stability, structure
 from csae_jax.evals import synthetic as synth_eval
 from csae_jax.sources.synthetic import make_ground_truth
 
@@ -264,3 +264,65 @@ def test_fewer_alive_features_than_children():
   assert (feat >= 0).sum() == 10
   np.testing.assert_array_equal(feat[:10], feat_of_child[:10])
   assert np.all(feat[10:] == -1) and np.all(matched[10:] == 0)
+
+
+# ---- signals for real data (no ground truth) ---------------------------------------------------
+
+def test_signal_near_duplicate_level1_features_fire_only_on_copies():
+  w = _orthogonal_rows(12)
+  groups = [list(range(6)), list(range(6, 12))]
+  clean = structure.stats(_hier_from_groups(groups), w, n2=2)
+  assert clean['level1/near_duplicate_pairs'] == 0 and clean['level1/near_duplicate_frac'] == 0
+  w_dup = w.copy()
+  w_dup[1] = w[0] + 0.01 * w[5]  # a near-copy of feature 0, and an exact copy of feature 7
+  w_dup[8] = w[7]
+  s = structure.stats(_hier_from_groups(groups), w_dup, n2=2)
+  assert s['level1/near_duplicate_pairs'] == 2
+  assert s['level1/near_duplicate_frac'] == pytest.approx(4 / 12)
+
+
+def test_signal_near_duplicate_concepts_fires_on_a_concept_cut_in_two():
+  w = _orthogonal_rows(8)
+  groups = [[0, 1], [2, 3], [4, 5], [6, 7]]
+  w2 = _orthogonal_rows(4)
+  s = structure.stats(_hier_from_groups(groups), w, n2=4, w_dec2_md=w2)
+  assert s['level2/near_duplicate_concepts'] == 0
+  w2_cut = w2.copy()
+  w2_cut[3] = w2[1] * 2.0  # concept 3 points where concept 1 does (norms do not matter)
+  s = structure.stats(_hier_from_groups(groups), w, n2=4, w_dec2_md=w2_cut)
+  assert s['level2/near_duplicate_concepts'] == 1
+
+
+def test_signal_concept_shares_and_effective_concepts():
+  w = _orthogonal_rows(20)
+  even = structure.stats(_hier_from_groups([list(range(5 * i, 5 * i + 5)) for i in range(4)]),
+                         w, n2=4)
+  assert even['level2/concept_share_max'] == pytest.approx(0.25)
+  assert even['level2/effective_concepts'] == pytest.approx(4.0)
+  skewed = structure.stats(_hier_from_groups([list(range(17)), [17], [18], [19]]), w, n2=4)
+  assert skewed['level2/concept_share_max'] == pytest.approx(0.85)
+  assert skewed['level2/concept_share_p50'] == pytest.approx(0.05)
+  assert 1.0 < skewed['level2/effective_concepts'] < 2.0
+
+
+def test_signal_seed_stability_same_grouping_vs_shuffled():
+  rng = np.random.default_rng(0)
+  w = _orthogonal_rows(24)
+  groups = [list(range(6 * i, 6 * i + 6)) for i in range(4)]
+  h = _hier_from_groups(groups)
+  # run b: the same features in another order and slightly moved, the same grouping
+  perm = rng.permutation(24)
+  w_b = w[perm] + 0.01 * rng.standard_normal(w.shape)
+  inv = np.argsort(perm)
+  h_b = _hier_from_groups([[int(inv[m]) for m in g] for g in groups])
+  same = stability.hierarchy_stability(w, h, w_b, h_b)
+  assert same['stability/feature_match'] == 1.0
+  assert same['stability/concept_ari'] == pytest.approx(1.0)
+  # run b groups the same features at random: ARI near 0
+  labels = rng.permutation(np.repeat(np.arange(4), 6))
+  h_rand = _hier_from_groups([[int(inv[m]) for m in np.nonzero(labels == c)[0]] for c in range(4)])
+  shuffled = stability.hierarchy_stability(w, h, w_b, h_rand)
+  assert shuffled['stability/concept_ari'] < 0.3
+  # run b found other features: nothing matches
+  other = stability.hierarchy_stability(w, h, rng.standard_normal(w.shape), h_b)
+  assert other['stability/feature_match'] < 0.2

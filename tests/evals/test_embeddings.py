@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from csae_jax import config as config_lib
-from csae_jax import compare, pipeline
+from csae_jax import compare, modes, stages
 from csae_jax.compare import score
 from csae_jax.evals import embeddings
 from csae_jax.sources import harvest
@@ -128,13 +128,13 @@ def test_compare_scores_hms_with_the_port_embeddings(harvested, tmp_path):
       'train.steps': 20, 'train.batch_size': 64, 'train.warmup_steps': 2,
       'train.checkpoint_every': 20})
   wd = str(tmp_path / 'compare')
-  out = pipeline.run(c, wd)
+  out = modes.run(c, wd)
   kmeans = out['compare/results']['kmeans']
   assert np.isfinite(kmeans['hms/mean']) and np.isfinite(kmeans['hms/null_mean'])
   assert len(os.listdir(os.path.join(wd, 'embeddings'))) == 1
   # from Python, any callable of image ids gives the embeddings; never with a second source
   cfg = config_lib.from_config_dict(c)
-  src = pipeline.make_source(cfg)
+  src = stages.make_source(cfg)
   es = compare.eval_set(cfg, src, embed_fn=lambda ids: np.ones((len(ids), 3)))
   assert es.emb_ie.shape == (es.n_images, 3)
   with pytest.raises(ValueError, match='given twice'):

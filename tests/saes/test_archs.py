@@ -9,7 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from csae_jax import export, pipeline
+from csae_jax import export, modes, stages
+from csae_jax.cascade import level1 as level1_lib
 from csae_jax.saes import common, jumprelu, matryoshka, objective, relu_l1
 from experiments.configs import csae
 
@@ -93,7 +94,7 @@ ARCHS = ['relu_l1', 'jumprelu', 'matryoshka', 'topk', 'batch_topk']
 
 @pytest.mark.parametrize('arch', ARCHS)
 def test_every_arch_trains_at_level1_far_better_than_the_mean(tmp_path, arch):
-  m = pipeline.run(_small(arch), str(tmp_path))
+  m = modes.run(_small(arch), str(tmp_path))
   # Trivial baseline: predicting the mean has FVU 1; a sparse code of ~k atoms must do far better.
   assert m['level1/fvu'] < 0.15, m
   assert 1 <= m['level1/l0'] <= 12, m
@@ -108,7 +109,7 @@ def test_every_arch_trains_at_level1_far_better_than_the_mean(tmp_path, arch):
 @pytest.fixture(scope='module')
 def level1_done(tmp_path_factory):
   wd = str(tmp_path_factory.mktemp('l1'))
-  pipeline.run(_small(), wd)
+  modes.run(_small(), wd)
   return wd
 
 
@@ -118,7 +119,7 @@ def test_every_arch_trains_as_the_level2_sae(tmp_path, level1_done, arch):
   shutil.copytree(level1_done, wd)  # reuse the finished level-1 stage
   cfg = _small(**{'level2.arch': arch})
   cfg.overwrite = True
-  m = pipeline.run(cfg, wd)
+  m = modes.run(cfg, wd)
   # Trivial baseline for rows: b_dec alone (variance explained 0). Grouping must beat chance.
   assert m['level2/variance_explained'] > 0.3, m
   assert m['synthetic/parent_ari'] > 0.3, m
@@ -152,8 +153,8 @@ def test_batch_topk_threshold_encode_matches_training_l0_within_10_percent(tmp_p
   within 10% of the training k."""
   c = _small()
   c.train.steps = 1200
-  cfg, source, mesh = pipeline.setup(c, str(tmp_path))
-  _, _, ev, _ = pipeline.train_level1(cfg, source, mesh, str(tmp_path))
+  cfg, source, mesh = stages.setup(c, str(tmp_path))
+  ev = level1_lib.train(cfg, source, mesh, str(tmp_path))[0].ev
   assert abs(ev['l0'] - cfg.level1.k) / cfg.level1.k < 0.1, ev['l0']
 
 

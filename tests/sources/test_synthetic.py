@@ -149,6 +149,99 @@ def test_partial_parent_emission_rate():
   assert abs(rate - 0.5) < 5 * np.sqrt(0.25 / n_act)
 
 
+# ---- the robustness knobs (benchmarks/robustness.py): each one's marginals ---------------------
+
+def test_unequal_branching_counts_and_exclusive_siblings():
+  cfg = _cfg(n_parents=12, n_children=2, n_children_max=9)
+  src = _src(cfg)
+  counts_k = synthetic.branching(cfg)
+  assert counts_k.min() >= 2 and counts_k.max() <= 9 and len(set(counts_k)) > 2  # unequal
+  t = src.truth
+  assert len(t.children_cd) == counts_k.sum()
+  np.testing.assert_array_equal(np.bincount(t.parent_of_child_c), counts_k)
+  cos_c = np.sum(t.children_cd * t.parents_kd[t.parent_of_child_c], axis=1)
+  np.testing.assert_allclose(cos_c, cfg.child_parent_cos, atol=1e-5)
+  _, coef_nc, active_nk = src.sample(np.random.default_rng(0), 20000)
+  fired_nk = np.stack([(coef_nc[:, t.parent_of_child_c == k] > 0).sum(1) for k in range(12)], 1)
+  np.testing.assert_array_equal(fired_nk, active_nk.astype(int))  # exactly one child if active
+  # the child is uniform among the parent's C_i children
+  for k in (int(np.argmax(counts_k)), int(np.argmin(counts_k))):
+    use_c = (coef_nc[:, t.parent_of_child_c == k] > 0).sum(0) / active_nk[:, k].sum()
+    np.testing.assert_allclose(use_c, 1 / counts_k[k], atol=4 * np.sqrt(1 / active_nk[:, k].sum()))
+  assert src.n_atoms == counts_k.sum()
+
+
+def test_correlated_parents_pairs_have_the_cosine_and_others_stay_orthogonal():
+  t = synthetic.make_ground_truth(_cfg(parent_corr=0.55))
+  g = t.parents_kd @ t.parents_kd.T
+  target = np.eye(8)
+  for i in range(0, 8, 2):
+    target[i, i + 1] = target[i + 1, i] = 0.55
+  np.testing.assert_allclose(g, target, atol=1e-5)
+  cos_c = np.sum(t.children_cd * t.parents_kd[t.parent_of_child_c], axis=1)
+  np.testing.assert_allclose(cos_c, CFG.child_parent_cos, atol=1e-5)  # own (mixed) parent
+
+
+@pytest.mark.parametrize('mean', [0.6, 1.8, 3.5])
+def test_poisson_number_of_active_parents(mean):
+  src = _src(_cfg(active_count='poisson', mean_active=mean))
+  _, _, active_nk = src.sample(np.random.default_rng(1), 40000)
+  m_n = active_nk.sum(1)
+  capped = np.minimum(np.random.default_rng(0).poisson(mean, 400000), 8)
+  assert abs(m_n.mean() - capped.mean()) < 0.03
+  assert abs(m_n.var() - capped.var()) < 0.06
+  np.testing.assert_allclose(active_nk.mean(0), m_n.mean() / 8, atol=0.01)  # uniform parents
+
+
+def test_fixed_number_of_active_parents_and_expected_count():
+  src = _src(_cfg(active_count='fixed', mean_active=3))
+  _, _, active_nk = src.sample(np.random.default_rng(2), 5000)
+  assert np.all(active_nk.sum(1) == 3)
+  np.testing.assert_allclose(active_nk.mean(0), 3 / 8, atol=0.03)
+  from csae_jax import config as config_lib
+  assert config_lib.mean_active_parents(src.cfg) == 3
+  assert config_lib.mean_active_parents(CFG) == pytest.approx(8 * 0.3)
+
+
+def test_anisotropic_noise_per_dimension_std():
+  cfg = _cfg(noise_std=0.02, noise_std_max=0.1)
+  src = _src(cfg)
+  std_d = synthetic.noise_std_d(cfg)
+  assert std_d.shape == (CFG.d,) and std_d.min() == pytest.approx(0.02)
+  assert std_d.max() == pytest.approx(0.1)
+  x_nd, coef_nc, _ = src.sample(np.random.default_rng(3), 40000)
+  resid_nd = x_nd - coef_nc @ src.truth.children_cd
+  np.testing.assert_allclose(resid_nd.std(0), std_d, rtol=0.03)
+  assert np.corrcoef(std_d, np.arange(CFG.d))[0, 1] < 0.9  # a random order of the dimensions
+
+
+def test_magnitude_tail_is_lognormal_sigma():
+  for sigma in (0.25, 1.0):
+    src = _src(_cfg(log_mag_std=sigma, noise_std=0.0))
+    _, coef_nc, _ = src.sample(np.random.default_rng(4), 20000)
+    logs = np.log(coef_nc[coef_nc > 0])
+    assert abs(logs.std() - sigma) < 0.02 and abs(logs.mean()) < 0.02
+
+
+def test_new_knobs_off_leave_the_data_unchanged():
+  base = _src().sample(np.random.default_rng(3), 500)[0]
+  for kw in ({'n_children_max': CFG.n_children}, {'noise_std_max': CFG.noise_std},
+             {'mean_active': 5.0}, {'parent_corr': 0.0}):
+    np.testing.assert_array_equal(_src(_cfg(**kw)).sample(np.random.default_rng(3), 500)[0],
+                                  base)
+
+
+@pytest.mark.parametrize('kw, match', [
+    ({'n_children_max': 2}, 'n_children_max'), ({'parent_corr': 1.0}, 'parent_corr'),
+    ({'active_count': 'sometimes'}, 'active_count'),
+    ({'active_count': 'fixed', 'mean_active': 9}, 'mean_active'),
+    ({'noise_std_max': 0.01}, 'noise_std_max')])
+def test_bad_knob_values_name_the_key(kw, match):
+  from csae_jax import config as config_lib
+  with pytest.raises(ValueError, match=match):
+    config_lib.validate_synthetic(_cfg(**kw))
+
+
 # ---- determinism and disjoint streams --------------------------------------------------------
 
 def test_batches_deterministic_per_step():

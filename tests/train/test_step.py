@@ -10,7 +10,7 @@ import pytest
 
 from csae_jax import checkpoint as ckpt_lib
 from csae_jax import config as config_lib
-from csae_jax import pipeline, sharding
+from csae_jax import sharding, stages
 from csae_jax.train import loop, optim
 from csae_jax.train import state as state_lib
 from csae_jax.train import step as step_lib
@@ -22,7 +22,7 @@ def _spec(k=4, anneal_steps=0, auxk=1 / 32, arch='batch_topk'):
   sae = config_lib.resolve_sae(
       config_lib.SAEConfig(arch=arch, n_latents=N, k=k, auxk_weight=auxk), d=D, n_latents=N,
       k=k, steps=40, batch_size=B, key='level1')
-  spec = pipeline.level_spec(sae, D, 40)
+  spec = stages.level_spec(sae, D, 40)
   return spec._replace(hyper=spec.hyper._replace(k_anneal_steps=anneal_steps, dead_tokens=2 * B),
                        threshold_start=0)
 
@@ -37,7 +37,7 @@ def _batches(n):
 
 def _run(mesh, steps, spec, params=None):
   opt = optim.make_optimizer(1e-2, steps, 2, 0.8, 1.0)
-  params = params or {'level1': pipeline.init_sae(jax.random.key(0), dataclasses.replace(
+  params = params or {'level1': stages.init_sae(jax.random.key(0), dataclasses.replace(
       config_lib.SAEConfig(n_latents=N), decoder_init='random'), next(_batches(1)))}
   st = state_lib.create(mesh, params, opt)
   fn, traces = step_lib.make_step({'level1': spec}, opt)
@@ -101,7 +101,7 @@ def test_nonfinite_loss_stops_with_step_and_keeps_last_checkpoint(tmp_path):
   stage = ckpt_lib.Stage(str(tmp_path), 'level1', manifest={'config_hash': 'x',
                          'data_fingerprint': 'y'}, keep=2, overwrite=False)
   opt = optim.make_optimizer(1e-2, 40, 2, 0.8, 1.0)
-  init = lambda: {'level1': pipeline.init_sae(jax.random.key(0), config_lib.SAEConfig(
+  init = lambda: {'level1': stages.init_sae(jax.random.key(0), config_lib.SAEConfig(
       n_latents=N, decoder_init='random'), next(_batches(1)))}
   with pytest.raises(loop.NonFiniteLoss, match=r'at step 13.*step 10'):
     loop.fit(stage=stage, mesh=mesh, levels={'level1': spec}, init_params=init, optimizer=opt,
@@ -132,7 +132,7 @@ def test_vmapped_sweep_member_equals_its_own_single_run():
   spec = _spec(k=4)
   steps, lrs, ks = 8, (1e-2, 3e-3), (4, 2)
   x0 = next(_batches(1))
-  init = lambda key: pipeline.init_sae(key, config_lib.SAEConfig(
+  init = lambda key: stages.init_sae(key, config_lib.SAEConfig(
       n_latents=N, decoder_init='random'), x0)
   keys = (jax.random.key(0), jax.random.key(1))
   opt = optim.make_optimizer(1e-2, steps, 2, 0.8, 1.0)

@@ -1,0 +1,84 @@
+"""From a trained level-2 SAE to the concepts of the hierarchy.
+
+1. assign: parent(j) = argmax of the level-2 encoder on row j (the paper's rule), -1 below
+   `assign_threshold`;
+2. merge (merge_ratio > 0): fragments of one concept, which surplus level-2 latents produce,
+   are merged (merge.py: cross / within similarity of the members);
+3. refine: each row moves to the concept whose members it is most similar to, then fragments
+   that refinement made similar are merged again;
+4. cap: at most n_latents concepts; beyond that, concepts that show no grouping (singletons,
+   members no closer than unrelated directions) are left unassigned, then the most similar
+   remaining concepts are merged.
+Copies of one level-1 feature (cosine > DUPLICATE_COS) are handled as one row throughout.
+The result is one level-2 latent per concept: the exported level-2 SAE has a decoder row per
+concept (the unit mean direction of its members, concept id = row) and the encoder its transpose,
+so argmax of the exported encoder is the nearest concept direction. With none of 2-4 enabled
+the trained SAE itself is exported, exactly as the paper does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from csae_jax import config as config_lib
+from csae_jax.cascade import hierarchy as hierarchy_lib
+from csae_jax.cascade import merge
+
+
+# Level-1 rows closer than this are copies of one feature (as evals/structure.py counts them).
+DUPLICATE_COS = 0.95
+
+
+def internal_latents(s2: config_lib.SAEConfig, n_rows: int) -> int:
+  """How many latents the level-2 SAE trains: oversplit x n_latents, at most half the rows
+  (more would leave most rows alone in a latent), never fewer than n_latents."""
+  want = int(round(s2.oversplit * s2.n_latents))
+  return max(s2.n_latents, min(want, n_rows // 2))
+
+
+def build(params2: dict, rows_rd: np.ndarray, alive_ids: np.ndarray,
+          s2: config_lib.SAEConfig) -> tuple[dict, dict | None, dict]:
+  """(hierarchy.json, the concept-level SAE params or None (= export params2 as it is),
+  metrics of the steps)."""
+  parent_r, strength_r = hierarchy_lib.assign_parents(params2, rows_rd, s2.assign_threshold)
+  trained = int(np.asarray(params2['w_dec']).shape[0])
+  info = {'level2/latents_trained': trained,
+          'level2/latents_assigned': int(len(np.unique(parent_r[parent_r >= 0])))}
+  if not s2.merge_ratio and not s2.refine and trained <= s2.n_latents:
+    return hierarchy_lib.build(parent_r, strength_r, alive_ids), None, info
+  unit_rd = rows_rd / np.maximum(np.linalg.norm(rows_rd, axis=1, keepdims=True), 1e-12)
+  # Copies of one feature are one feature: the steps below see one row per near-duplicate
+  # group (its first row, with the SAE's label of that row) and the copies follow it.
+  group_r = merge.near_duplicate_groups(unit_rd, DUPLICATE_COS)
+  _, rep_g, inverse_r = np.unique(group_r, return_index=True, return_inverse=True)
+  rows_g, labels_g = unit_rd[rep_g], parent_r[rep_g]
+  info['level2/duplicate_rows'] = int(len(unit_rd) - len(rep_g))
+  merges = 0
+  if s2.merge_ratio:
+    labels_g, m = merge.merge_labels(rows_g, labels_g, s2.merge_ratio)
+    merges += len(m['ratios'])
+  if s2.refine:
+    labels_g, moved = merge.refine_labels(rows_g, labels_g, s2.merge_ratio or 1.0)
+    info['level2/rows_moved'] = moved
+    if s2.merge_ratio:
+      labels_g, m = merge.merge_labels(rows_g, labels_g, s2.merge_ratio)
+      merges += len(m['ratios'])
+  info['level2/merges'] = merges
+  labels_g, capped = merge.dissolve_or_merge_to(rows_g, labels_g, s2.n_latents)
+  info['level2/dissolved'], info['level2/forced_merges'] = capped['dissolved'], capped['forced_merges']
+  labels_r = labels_g[inverse_r.reshape(-1)]
+  # renumber: concept id = its row in the concept SAE, largest concepts first
+  ids, counts = np.unique(labels_r[labels_r >= 0], return_counts=True)
+  order = ids[np.lexsort((ids, -counts))]
+  new_id = {int(c): i for i, c in enumerate(order)}
+  labels_r = np.array([new_id.get(int(c), -1) for c in labels_r], np.int64)
+  d = rows_rd.shape[1]
+  sums_md = np.zeros((len(order), d))
+  np.add.at(sums_md, labels_r[labels_r >= 0], unit_rd[labels_r >= 0])
+  w_dec_md = sums_md / np.maximum(np.linalg.norm(sums_md, axis=1, keepdims=True), 1e-12)
+  strength_r = np.where(labels_r >= 0, np.sum(unit_rd * w_dec_md[np.maximum(labels_r, 0)], 1), 0)
+  concept_params = {'w_enc': w_dec_md.T.astype(np.float32),
+                    'b_enc': np.zeros(len(order), np.float32),
+                    'w_dec': w_dec_md.astype(np.float32), 'b_dec': np.zeros(d, np.float32)}
+  info['level2/concepts'] = len(order)
+  return hierarchy_lib.build(labels_r, strength_r, alive_ids), concept_params, info

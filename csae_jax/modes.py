@@ -1,0 +1,31 @@
+"""The one dispatcher: `run(config, workdir)` sends `config.mode` to its entry point.
+
+    staged, joint -> csae_jax.pipeline   (the CSAE pipeline)
+    compare       -> csae_jax.compare    (CSAE against its baselines)
+    sweep         -> csae_jax.sweep      (a vmapped grid of level-1 SAEs)
+
+Nothing below imports this module, so there is no import circle: the modes build on
+`stages`, `cascade/` and `pipeline`, never on each other's dispatch.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from csae_jax import compare, pipeline, stages, sweep
+
+
+def run(cd_or_cfg, workdir: str, *, hooks=()) -> dict:
+  """Runs `config.mode` in `workdir`; returns its metrics (the CLI prints their summary)."""
+  t_start = time.perf_counter()
+  workdir = os.path.abspath(workdir)
+  cfg, source, mesh = stages.setup(cd_or_cfg, workdir)
+  if cfg.mode == 'compare':
+    return compare.run(cfg, source, mesh, workdir)
+  if cfg.mode == 'sweep':
+    out = sweep.run(cfg, source, mesh, workdir, hooks=hooks)
+  else:
+    out = pipeline.fit(cfg, source, mesh, workdir, hooks=hooks).metrics
+  out['wall_s'] = round(time.perf_counter() - t_start, 2)
+  return out

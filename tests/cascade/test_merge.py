@@ -1,0 +1,81 @@
+"""Merging level-2 fragments: fragments of one concept merge, distinct (even correlated)
+concepts do not, unassigned rows stay unassigned, and a concept cap forces the best merges."""
+
+import numpy as np
+import pytest
+
+from csae_jax.cascade import merge
+
+
+def _concepts(n_parents=6, children=(6, 3, 8, 4, 5, 7), a=0.64, corr=0.5, d=128, seed=0):
+  """Unit children rows of parents whose pairs (0, 1), (2, 3), ... have cosine `corr`."""
+  rng = np.random.default_rng(seed)
+  q, _ = np.linalg.qr(rng.standard_normal((d, n_parents)))
+  p = q.T.copy()
+  for i in range(1, n_parents, 2):
+    p[i] = corr * p[i - 1] + np.sqrt(1 - corr ** 2) * p[i]
+  parent_r = np.repeat(np.arange(n_parents), children[:n_parents])
+  u = rng.standard_normal((len(parent_r), d))
+  u -= np.sum(u * p[parent_r], 1, keepdims=True) * p[parent_r]
+  u /= np.linalg.norm(u, axis=1, keepdims=True)
+  rows = a * p[parent_r] + np.sqrt(1 - a * a) * u
+  return rows / np.linalg.norm(rows, axis=1, keepdims=True), parent_r
+
+
+def _fragment(parent_r, pieces, seed=0):
+  """Split every parent's rows into `pieces` random fragments (singletons included)."""
+  rng = np.random.default_rng(seed)
+  return parent_r * pieces + rng.integers(0, pieces, len(parent_r))
+
+
+@pytest.mark.parametrize("a", [0.55, 0.64, 0.8])
+def test_fragments_of_one_concept_merge_back(a):
+  rows, parent_r = _concepts(a=a)
+  frag_r = _fragment(parent_r, 3)
+  merged_r, info = merge.merge_labels(rows, frag_r, min_ratio=0.75)
+  # the merged partition equals the true one (ids differ): same-parent <=> same label
+  same_true = parent_r[:, None] == parent_r[None, :]
+  same_merged = merged_r[:, None] == merged_r[None, :]
+  np.testing.assert_array_equal(same_true, same_merged)
+  assert len(info['ratios']) == len(np.unique(frag_r)) - len(np.unique(parent_r))
+
+
+def test_correlated_concepts_stay_apart_and_cap_forces_the_closest_pair():
+  rows, parent_r = _concepts(corr=0.5)
+  merged_r, info = merge.merge_labels(rows, parent_r, min_ratio=0.75)
+  np.testing.assert_array_equal(merged_r, parent_r)
+  assert info['ratios'] == [] and info['groups'] == {}
+  # capped at 5 concepts: one merge, and it joins a correlated pair (ratio ~ 0.5)
+  capped_r, info = merge.merge_labels(rows, parent_r, min_ratio=0.75, max_concepts=5)
+  assert len(np.unique(capped_r)) == 5
+  (group,) = info['groups'].values()
+  assert sorted(group) in ([0, 1], [2, 3], [4, 5])
+  assert 0.3 < info['ratios'][0] < 0.7
+
+
+def test_unassigned_rows_and_unrelated_singletons_stay():
+  rows, parent_r = _concepts()
+  rng = np.random.default_rng(3)
+  junk = rng.standard_normal((10, rows.shape[1]))
+  all_rows = np.concatenate([rows, junk / np.linalg.norm(junk, axis=1, keepdims=True)])
+  labels = np.concatenate([parent_r, 100 + np.arange(10)])  # junk: singleton concepts
+  labels[0] = -1
+  merged, _ = merge.merge_labels(all_rows, labels, min_ratio=0.75)
+  assert merged[0] == -1
+  np.testing.assert_array_equal(merged[len(rows):], 100 + np.arange(10))
+  np.testing.assert_array_equal(merged[1:len(rows)], parent_r[1:])
+
+
+def test_refine_moves_strays_home_and_ejects_unrelated_members():
+  rows, parent_r = _concepts()
+  rng = np.random.default_rng(5)
+  junk = rng.standard_normal((6, rows.shape[1]))
+  all_rows = np.concatenate([rows, junk / np.linalg.norm(junk, axis=1, keepdims=True)])
+  labels = np.concatenate([parent_r, np.repeat([0, 2], 3)])  # junk dumped into concepts 0, 2
+  strays = [int(np.nonzero(parent_r == 1)[0][0]), int(np.nonzero(parent_r == 4)[0][0])]
+  labels[strays] = [3, 5]                                     # two children in the wrong place
+  refined, moved = merge.refine_labels(all_rows, labels, min_ratio=0.75)
+  np.testing.assert_array_equal(refined[:len(rows)], parent_r)
+  junk_labels = refined[len(rows):]
+  assert len(set(junk_labels)) == 6 and not set(junk_labels) & set(parent_r)  # each alone
+  assert moved >= 8  # (a stray junk row may hop once before it is ejected)
