@@ -88,7 +88,7 @@ def concept_images(rng: np.random.Generator, scores_i: np.ndarray, n: int, top_f
                    ) -> list[int]:
   """n images: the top_frac * n highest-scoring (where the concept is) and random others."""
   n = min(n, len(scores_i))
-  top = list(value_lib.top_images(scores_i, int(round(top_frac * n))))
+  top = [int(i) for i in value_lib.top_images(scores_i, int(round(top_frac * n)))]
   rest = np.setdiff1d(np.arange(len(scores_i)), top)
   return top + sorted(int(i) for i in rng.choice(rest, n - len(top), replace=False))
 

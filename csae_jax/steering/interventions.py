@@ -202,7 +202,11 @@ def make(sae: SAE, members: Sequence[int], *, mode: str = 'clamp', value: float 
   if mode == 'add' and vals.ndim:
     raise ValueError('`add` takes one scalar value (the signed amount along the direction)')
   mask_t = None if positions is None else jnp.asarray(token_mask(positions, n_tokens))
-  return Intervention(mode=mode, arch=sae.arch, k=sae.k, params=sae.params,
+  # arch and k are static (the compilation key): name rules that are the same rule alike, so
+  # a Matryoshka and a BatchTopK SAE of the same shapes share one program (k matters to TopK
+  # alone).
+  arch = 'batch_topk' if sae.arch == 'matryoshka' else sae.arch
+  return Intervention(mode=mode, arch=arch, k=sae.k if arch == 'topk' else 0, params=sae.params,
                       threshold=jnp.float32(sae.threshold), member_n=jnp.asarray(mask_n),
                       value_n=jnp.asarray(value_n), direction_d=jnp.asarray(direction),
                       strength=jnp.float32(strength), token_mask_t=mask_t)

@@ -254,11 +254,15 @@ class Qwen3VL(nnx.Module):
     eos = () if eos_token_id is None else tuple(np.atleast_1d(eos_token_id).tolist())
     pad = pad_token_id if pad_token_id is not None else (eos[0] if eos else 0)
     e, leaves, _ = _static(edits, None)
+    # Decode steps run the text model only: vision edits stay out of its compilation key, so
+    # steering a vision site compiles the decode loop once for every edit.
+    e_txt, leaves_txt, _ = _static({k: v for k, v in (edits or {}).items()
+                                    if not k.startswith('vision/')}, None)
     graphdef, state = nnx.split(self)
     first, cache = _prefill(graphdef, state, ids, pixel_values, pos, vidx, leaves, grid=grid,
                             edits=e, max_len=ids.shape[1] + max_new_tokens)
-    tokens, logits, n = _decode(graphdef, state, cache, first, jnp.asarray(deltas), leaves,
-                                ids.shape[1], edits=e, max_new=max_new_tokens, eos=eos, pad=int(pad),
+    tokens, logits, n = _decode(graphdef, state, cache, first, jnp.asarray(deltas), leaves_txt,
+                                ids.shape[1], edits=e_txt, max_new=max_new_tokens, eos=eos, pad=int(pad),
                                 keep_logits=return_logits)
     n = int(n)
     tokens = np.asarray(tokens)[:, :n]
