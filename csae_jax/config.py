@@ -567,3 +567,33 @@ def steer_concepts(cfg: SteerConfig) -> list[int]:
   except ValueError as e:
     raise ValueError(f'config key concepts = {cfg.concepts!r} must be comma-separated concept '
                      'ids, e.g. --config.concepts=12,40') from e
+
+
+@dataclasses.dataclass(frozen=True)
+class SteerSyntheticConfig:
+  """stage='steer_synthetic': the steering benchmark on the synthetic hierarchy."""
+  stage: str = 'steer_synthetic'
+  seeds: str = '0,1,2'
+  modes: str = 'clamp,clamp_error'
+  arms: str = 'none,random,single,matryoshka,concept'
+  s: float = 3.0
+  value: float = 0.0
+  steps: int = 4000                # level-1 (and Matryoshka) training steps
+  level2_steps: int = 3000
+  n_eval: int = 4096               # held-out samples steered
+  n_readout: int = 32768           # readout training samples
+  min_members: int = 2
+  overwrite: bool = False
+
+
+def steer_synthetic_from_config_dict(cd: Any) -> SteerSyntheticConfig:
+  cfg = _build(SteerSyntheticConfig, cd, '')
+  for key in ('steps', 'level2_steps', 'n_eval', 'n_readout', 'min_members', 's'):
+    _positive(key, getattr(cfg, key))
+  _positive('value', cfg.value, allow_zero=True)
+  for m in cfg.modes.split(','):
+    _one_of('modes', m.strip(), STEER_MODES)
+  for a in cfg.arms.split(','):
+    _one_of('arms', a.strip(), STEER_ARMS)
+  compare_seeds(CompareConfig(seeds=cfg.seeds))  # parses, or names the key
+  return cfg

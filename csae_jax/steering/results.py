@@ -31,10 +31,10 @@ def _pct(values: list[bool]) -> Optional[float]:
 
 
 def summarise(records: list[dict], verdicts: dict[tuple, bool], arms: list[str]) -> dict:
-  """records: captions.jsonl rows; verdicts: (image, arm, concept, sign) -> shows the concept.
+  """records: captions.jsonl rows; verdicts: (image_id, arm, concept, sign) -> shows it.
   The unsteered captions are the `none` records (concept None); their verdict per concept is
   stored under (image, 'none', concept, '+')."""
-  base = {r['image']: r['text'] for r in records if r['arm'] == 'none'}
+  base = {r['image_id']: r['text'] for r in records if r['arm'] == 'none'}
   per = collections.defaultdict(lambda: {'+': [], '-': [], 'sim': []})
   per_concept = collections.defaultdict(lambda: collections.defaultdict(
       lambda: {'+': [], '-': []}))
@@ -46,13 +46,13 @@ def summarise(records: list[dict], verdicts: dict[tuple, bool], arms: list[str])
   for r in records:
     if r['arm'] == 'none':
       continue
-    key = (r['image'], r['arm'], r['concept'], r['sign'])
+    key = (r['image_id'], r['arm'], r['concept'], r['sign'])
     if key not in verdicts:
       continue
     shown = verdicts[key]
     hit = shown if r['sign'] == '+' else not shown
     per[r['arm']][r['sign']].append(hit)
-    per[r['arm']]['sim'].append(similarity(r['text'], base.get(r['image'], '')))
+    per[r['arm']]['sim'].append(similarity(r['text'], base.get(r['image_id'], '')))
     per_concept[r['concept']][r['arm']][r['sign']].append(hit)
   n_supp = sum(len(per[a]['-']) for a in arms if a != 'none')
   out = {}

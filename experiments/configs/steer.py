@@ -76,6 +76,7 @@ def synthetic_config() -> ml_collections.ConfigDict:
   c.s = 3.0                # value = s * u
   c.value = 0.0            # > 0: fixed clamp magnitude instead
   c.steps = 4000           # level-1 training steps (the pipeline's default)
+  c.level2_steps = 3000    # staged level-2 steps (the pipeline's default)
   c.n_eval = 4096          # held-out samples steered (absent / present split per concept)
   c.n_readout = 32768      # readout training samples
   c.min_members = 2
