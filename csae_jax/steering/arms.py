@@ -75,6 +75,21 @@ def match(direction_d: np.ndarray, sae: iv.SAE, groups: list[tuple[int, list[int
   return best, cos[best]
 
 
+def match_all(concepts: list[dict], sae: iv.SAE, m_sae: iv.SAE,
+              groups: list[tuple[int, list[int]]], rows: rows_lib.Rows) -> dict[int, dict]:
+  """Per concept id: its matched Matryoshka set, the cosine and that set's top images (one pass
+  over the rows with the Matryoshka SAE for every concept)."""
+  out = {}
+  for c in concepts:
+    best, cos = match(unit_centroid(sae, [int(m) for m in c['members']]), m_sae, groups)
+    out[int(c['id'])] = {'inner': groups[best][0], 'members': groups[best][1], 'cos': cos}
+  scores = value_lib.image_scores(m_sae, rows, [m['members'] for m in out.values()],
+                                  desc='matryoshka activations')
+  for j, m in enumerate(out.values()):
+    m['top'] = value_lib.top_images(scores[:, j])
+  return out
+
+
 def random_members(rng: np.random.Generator, alive: list[int], exclude: list[int], size: int
                    ) -> list[int]:
   pool = np.setdiff1d(np.asarray(alive, np.int64), np.asarray(exclude, np.int64))
@@ -95,9 +110,9 @@ def concept_images(rng: np.random.Generator, scores_i: np.ndarray, n: int, top_f
 
 def plan(concept: dict, scores_i: np.ndarray, *, sae: iv.SAE, rows: rows_lib.Rows, alive: list[int],
          arms: list[str], s: float, value: float, seed: int, images_per_concept: int,
-         top_frac: float, matryoshka: Optional[tuple[iv.SAE, list]] = None) -> ConceptPlan:
+         top_frac: float, matryoshka: Optional[tuple[iv.SAE, dict]] = None) -> ConceptPlan:
   """The arms of one concept (`scores_i`: its per-image activation, `value.image_scores`).
-  matryoshka: (its SAE, its `matryoshka_groups`) when that arm runs."""
+  matryoshka: (its SAE, this concept's entry of `match_all`) when that arm runs."""
   cid, members = int(concept['id']), [int(m) for m in concept['members']]
   rng = np.random.default_rng([seed, cid])
   top = value_lib.top_images(scores_i)
@@ -109,12 +124,9 @@ def plan(concept: dict, scores_i: np.ndarray, *, sae: iv.SAE, rows: rows_lib.Row
   if 'random' in arms:
     out['random'] = Arm('random', 'csae', random_members(rng, alive, members, len(members)), v)
   if 'matryoshka' in arms:
-    m_sae, groups = matryoshka
-    best, cos = match(unit_centroid(sae, members), m_sae, groups)
-    inner, m_members = groups[best]
-    m_scores = value_lib.image_scores(m_sae, rows, [m_members], desc='matryoshka activations')
-    m_u, _ = value_lib.concept_scale(m_sae, rows, m_members, value_lib.top_images(m_scores[:, 0]))
-    out['matryoshka'] = Arm('matryoshka', 'matryoshka', m_members, value or s * m_u,
-                            matched=inner, match_cos=round(cos, 4))
+    m_sae, m = matryoshka
+    m_u, _ = value_lib.concept_scale(m_sae, rows, m['members'], m['top'])
+    out['matryoshka'] = Arm('matryoshka', 'matryoshka', m['members'], value or s * m_u,
+                            matched=m['inner'], match_cos=round(m['cos'], 4))
   return ConceptPlan(cid, members, u, [int(i) for i in top], {a: out[a] for a in arms},
                      concept_images(rng, scores_i, images_per_concept, top_frac))

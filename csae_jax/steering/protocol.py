@@ -221,12 +221,15 @@ def run(cd, workdir: str) -> dict:
   chosen, scores, words = choose_concepts(r)
   alive = r.hierarchy.get('alive') or sorted({m for c in r.hierarchy['concepts']
                                               for m in c['members']})
+  matched = (arms_lib.match_all(chosen, r.saes['csae'], *r.matryoshka, r.rows)
+             if 'matryoshka' in arm_names else {})
   plans = []
   for c in tqdm(chosen, desc='clamp values', file=sys.stderr, disable=len(chosen) < 3):
     p = arms_lib.plan(c, scores[int(c['id'])], sae=r.saes['csae'], rows=r.rows, alive=alive,
                       arms=arm_names, s=cfg.s, value=cfg.value, seed=cfg.seed,
                       images_per_concept=cfg.images_per_concept, top_frac=cfg.top_frac,
-                      matryoshka=r.matryoshka)
+                      matryoshka=(r.saes['matryoshka'], matched[int(c['id'])]) if matched
+                      else None)
     p.words = words[p.concept]
     plans.append(p)
   none = arms_lib.Arm('none', 'csae', [], 0.0)

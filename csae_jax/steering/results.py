@@ -2,9 +2,9 @@
 
 - appeared %: of the insertion captions (+v, every image of the concept) those that show the
   concept; for `none`, the unsteered captions of the same images (the base rate).
-- removed %: of the suppression captions (-v, on the images whose unsteered caption shows the
-  concept, or every image with suppress_on=all) those that no longer show it; `none` is 0 on
-  the same images by definition.
+- removed %: of the suppression captions (-v) on the images whose unsteered caption shows the
+  concept, those that no longer show it (suppress_on=all also steers the other images: their
+  captions count in the similarity only); `none` is 0 on the same images by definition.
 - similarity (side effect): word-sequence similarity (difflib ratio, 1 = identical) of each
   steered caption to the same image's unsteered caption, averaged over the arm's captions:
   how much else in the caption changed.
@@ -50,9 +50,11 @@ def summarise(records: list[dict], verdicts: dict[tuple, bool], arms: list[str])
     if key not in verdicts:
       continue
     shown = verdicts[key]
+    per[r['arm']]['sim'].append(similarity(r['text'], base.get(r['image_id'], '')))
+    if r['sign'] == '-' and not verdicts.get((r['image_id'], 'none', r['concept'], '+')):
+      continue  # nothing to remove (suppress_on=all also steers such images)
     hit = shown if r['sign'] == '+' else not shown
     per[r['arm']][r['sign']].append(hit)
-    per[r['arm']]['sim'].append(similarity(r['text'], base.get(r['image_id'], '')))
     per_concept[r['concept']][r['arm']][r['sign']].append(hit)
   n_supp = sum(len(per[a]['-']) for a in arms if a != 'none')
   out = {}

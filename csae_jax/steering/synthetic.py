@@ -145,12 +145,16 @@ def run_seed(cfg: config_lib.SteerSyntheticConfig, seed: int, workdir: str) -> d
   concepts = arms_lib.eligible(hierarchy, cfg.min_members)
   scores = value_lib.image_scores(saes['csae'], rows, [c['members'] for c in concepts])
   parents = concept_parents(saes['csae'], source.truth, concepts)
+  matched = (arms_lib.match_all(concepts, saes['csae'], *matryoshka, rows) if matryoshka
+             else {})
   modes = [m.strip() for m in cfg.modes.split(',')]
   per_mode = {m: [] for m in modes}
   for j, c in enumerate(tqdm(concepts, desc=f'steer seed {seed}', leave=False)):
     plan = arms_lib.plan(c, scores[:, j], sae=saes['csae'], rows=rows, alive=hierarchy['alive'],
                          arms=arm_names, s=cfg.s, value=cfg.value, seed=seed,
-                         images_per_concept=1, top_frac=0.0, matryoshka=matryoshka)
+                         images_per_concept=1, top_frac=0.0,
+                         matryoshka=(saes['matryoshka'], matched[int(c['id'])]) if matched
+                         else None)
     for m in modes:
       per_mode[m].append(steer_concept(plan, parents[j][0], saes, x_e, act_e[:, parents[j][0]],
                                        p_e, readout, m))

@@ -139,6 +139,7 @@ def test_steered_captions_equal_transformers_with_a_hook(steer_setup, tmp_path, 
           recs[0]['value'])) and recs[0]['value'] != 0
   assert changed >= 8  # the clamps changed many captions: the comparison has teeth
   assert set(result['arms']) == arms and result['arms']['none']['similarity'] == 1.0
-  for arm in arms - {'none'}:  # every caption judged: 2 concepts x 4 images per sign
-    assert (result['arms'][arm]['n_insert'], result['arms'][arm]['n_suppress']) == (8, 8)
+  for arm in arms - {'none'}:  # every caption judged: 2 concepts x 4 images; removal counted
+    assert result['arms'][arm]['n_insert'] == 8  # where the unsteered caption showed it
+    assert result['arms'][arm]['n_suppress'] <= 8
   assert (tmp_path / 'wd' / 'steer' / 'results.md').read_text().count('|') > 20

@@ -117,10 +117,12 @@ def test_similarity_and_summary():
                'text': 'a cat' if s == '+' else 'grass'} for i in range(4) for s in '+-']
   verdicts = {(i, 'none', 7, '+'): i < 1 for i in range(4)}
   verdicts.update({(i, 'concept', 7, '+'): i < 3 for i in range(4)})
-  verdicts.update({(i, 'concept', 7, '-'): False for i in range(1)})
+  # suppression judged on every image (suppress_on=all): only image 0 had the concept to remove
+  verdicts.update({(i, 'concept', 7, '-'): i == 3 for i in range(4)})
   out = results_lib.summarise(records, verdicts, ['none', 'concept'])['arms']
   assert out['none']['appeared_pct'] == 25.0 and out['concept']['appeared_pct'] == 75.0
   assert out['concept']['removed_pct'] == 100.0 and out['concept']['n_suppress'] == 1
+  assert out['concept']['similarity'] == pytest.approx(np.mean([1.0] * 4 + [0.0] * 4))
 
 
 def _run_cli(args, cwd):
