@@ -109,7 +109,9 @@ class Run:
     if self.cfg.judge == 'lexical':
       return judge_lib.LexicalJudge()
     port, _ = registry.resolve(self.cfg.judge_model)
-    model = registry.load(port, self.cfg.judge_model_path, dtype=self.cfg.dtype)
+    same = os.path.abspath(self.cfg.judge_model_path) == os.path.abspath(self.cfg.model_path)
+    model = self.model if same else registry.load(port, self.cfg.judge_model_path,
+                                                  dtype=self.cfg.dtype)
     pre = preprocess.Qwen3VLPreprocessor(self.cfg.judge_model_path,
                                          image_size=self.pre.image_size)
     return judge_lib.VLMJudge(model, pre, seed=self.cfg.seed,
