@@ -545,3 +545,125 @@ def harvest_from_config_dict(cd: Any) -> HarvestConfig:
   _one_of('dtype', cfg.dtype, ('float32', 'bfloat16'))
   _one_of('store_dtype', cfg.store_dtype, ('float32', 'float16'))
   return cfg
+
+
+# ---- steering (experiments/configs/steer.py) ----------------------------------------------------
+
+STEER_MODES = ('clamp', 'clamp_error', 'add', 'ablate')
+STEER_ARMS = ('none', 'random', 'single', 'matryoshka', 'concept')
+
+
+@dataclasses.dataclass(frozen=True)
+class SteerConfig:
+  """stage='steer': group-level concept steering of a VLM's captions (the paper's protocol)."""
+  stage: str = 'steer'
+  model: str = 'qwen3-vl'          # a port or a registry name (csae_jax.vlms.registry)
+  model_path: str = ''             # local HF checkpoint folder (weights, tokenizer, processor)
+  images: str = ''                 # the harvested image folder (or 'tfds:NAME' with data_dir)
+  data_dir: str = ''
+  split: str = 'train'
+  export: str = ''                 # a CSAE export/ folder (level1_sae.npz, hierarchy.json)
+  harvest: str = ''                # harvest site folder; '' = the export run's level-1 data.path
+  matryoshka_export: str = ''      # a Matryoshka baseline export (compare: matryoshka_cosine)
+  site: str = ''                   # '' = the harvest's site
+  concepts: str = ''               # comma-separated concept ids; '' = sample n_concepts
+  n_concepts: int = 10
+  min_members: int = 2             # concepts with fewer level-1 members are not sampled
+  images_per_concept: int = 100
+  top_frac: float = 0.5            # of a concept's images, this fraction are its top images
+  arms: str = ''                   # '' = none,random,single,[matryoshka,]concept
+  value: float = 0.0               # > 0: clamp magnitude V for every arm (+V insert, -V suppress)
+  s: float = 3.0                   # value = s * u (the paper's per-concept scale) when value = 0
+  mode: str = 'clamp'              # clamp | clamp_error | add | ablate
+  direction: str = 'members'       # add: unit sum of member rows | level2 (the concept's row)
+  positions: str = ''              # '' = every token; 'image' = image tokens; or token indices
+  max_new_tokens: int = 30
+  prompt: str = 'Describe what is in this image in one short sentence.'
+  image_size: int = 0              # 0 = the harvest's
+  batch_size: int = 8              # images per generate call
+  suppress_on: str = 'present'     # present (unsteered caption shows it) | all
+  judge: str = 'lexical'           # lexical | vlm
+  judge_model: str = ''            # vlm judge: port / registry name
+  judge_model_path: str = ''
+  label_hierarchy: str = ''        # json {label: parent} or {label: [synonyms]} (lexical judge)
+  label_min_frac: float = 0.3      # labels covering this share of the top images name the concept
+  seed: int = 0
+  dtype: str = 'float32'
+  overwrite: bool = False
+  mesh: MeshConfig = MeshConfig()
+
+
+def steer_from_config_dict(cd: Any) -> SteerConfig:
+  cfg = _build(SteerConfig, cd, '')
+  for key in ('model_path', 'images', 'export'):
+    if not getattr(cfg, key):
+      raise ValueError(f'config key {key!r} is required for steering; set --config.{key}=...')
+  for key in ('n_concepts', 'images_per_concept', 'max_new_tokens', 'batch_size', 'min_members'):
+    _positive(key, getattr(cfg, key))
+  _positive('value', cfg.value, allow_zero=True)
+  _positive('s', cfg.s)
+  _positive('image_size', cfg.image_size, allow_zero=True)
+  if not 0 <= cfg.top_frac <= 1 or not 0 < cfg.label_min_frac <= 1:
+    raise ValueError('config keys top_frac must be in [0, 1] and label_min_frac in (0, 1]')
+  _one_of('mode', cfg.mode, STEER_MODES)
+  _one_of('direction', cfg.direction, ('members', 'level2'))
+  _one_of('suppress_on', cfg.suppress_on, ('present', 'all'))
+  _one_of('judge', cfg.judge, ('lexical', 'vlm'))
+  _one_of('dtype', cfg.dtype, ('float32', 'bfloat16'))
+  for arm in steer_arms(cfg):
+    _one_of('arms', arm, STEER_ARMS)
+  if 'matryoshka' in steer_arms(cfg) and not cfg.matryoshka_export:
+    raise ValueError('arm "matryoshka" needs --config.matryoshka_export=DIR (a Matryoshka '
+                     'baseline export, e.g. WD/matryoshka_cosine/export of mode=compare)')
+  if cfg.judge == 'vlm' and not (cfg.judge_model and cfg.judge_model_path):
+    raise ValueError('judge=vlm needs --config.judge_model=NAME and --config.judge_model_path=DIR')
+  steer_concepts(cfg)
+  return cfg
+
+
+def steer_arms(cfg: SteerConfig) -> list[str]:
+  if not cfg.arms.strip():
+    return ['none', 'random', 'single'] + (['matryoshka'] if cfg.matryoshka_export else []) + [
+        'concept']
+  arms = [a.strip() for a in cfg.arms.split(',') if a.strip()]
+  if len(set(arms)) != len(arms):
+    raise ValueError(f'config key arms = {cfg.arms!r} names an arm twice')
+  return arms
+
+
+def steer_concepts(cfg: SteerConfig) -> list[int]:
+  try:
+    return [int(c) for c in cfg.concepts.split(',') if c.strip()]
+  except ValueError as e:
+    raise ValueError(f'config key concepts = {cfg.concepts!r} must be comma-separated concept '
+                     'ids, e.g. --config.concepts=12,40') from e
+
+
+@dataclasses.dataclass(frozen=True)
+class SteerSyntheticConfig:
+  """stage='steer_synthetic': the steering benchmark on the synthetic hierarchy."""
+  stage: str = 'steer_synthetic'
+  seeds: str = '0,1,2'
+  modes: str = 'clamp,clamp_error'
+  arms: str = 'none,random,single,matryoshka,concept'
+  s: float = 3.0
+  value: float = 0.0
+  steps: int = 4000                # level-1 (and Matryoshka) training steps
+  level2_steps: int = 3000
+  n_eval: int = 4096               # held-out samples steered
+  n_readout: int = 32768           # readout training samples
+  min_members: int = 2
+  overwrite: bool = False
+
+
+def steer_synthetic_from_config_dict(cd: Any) -> SteerSyntheticConfig:
+  cfg = _build(SteerSyntheticConfig, cd, '')
+  for key in ('steps', 'level2_steps', 'n_eval', 'n_readout', 'min_members', 's'):
+    _positive(key, getattr(cfg, key))
+  _positive('value', cfg.value, allow_zero=True)
+  for m in cfg.modes.split(','):
+    _one_of('modes', m.strip(), STEER_MODES)
+  for a in cfg.arms.split(','):
+    _one_of('arms', a.strip(), STEER_ARMS)
+  compare_seeds(CompareConfig(seeds=cfg.seeds))  # parses, or names the key
+  return cfg

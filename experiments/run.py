@@ -116,6 +116,13 @@ def main(argv):
       result = harvest.run(_CONFIG.value, workdir)
       print(harvest_summary(result))
       return
+    if _CONFIG.value.get('stage') in ('steer', 'steer_synthetic'):
+      from csae_jax.steering import protocol, synthetic  # pylint: disable=g-import-not-at-top
+      stage = protocol if _CONFIG.value.stage == 'steer' else synthetic
+      result = stage.run(_CONFIG.value, workdir)
+      print(f'{result["stage"]} done: {os.path.abspath(workdir)}/{result["stage"]} '
+            f'(results.json, results.md)\n\n{result["table"]}')
+      return
     metrics = modes.run(_CONFIG.value, workdir)
   except ValueError as e:  # user mistakes: one clear line, no traceback
     print(f'error: {e}', file=sys.stderr)

@@ -26,9 +26,10 @@ TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def save_tiny_tokenizer(folder: str) -> None:
+def save_tiny_tokenizer(folder: str, extra_words=()) -> None:
   """A word-level tokenizer whose special tokens carry the tiny model's ids, with a Qwen-style
-  chat template (the real checkpoint ships its own)."""
+  chat template (the real checkpoint ships its own). extra_words take the free ids in turn
+  (steering decodes generated ids: give every id of the tiny vocabulary a word)."""
   special = {'<|image_pad|>': vlm.IMAGE_TOKEN_ID, '<|video_pad|>': vlm.VIDEO_TOKEN_ID,
              '<|vision_start|>': vlm.VISION_START_ID, '<|vision_end|>': vlm.VISION_END_ID,
              '<|im_start|>': 104, '<|im_end|>': 105}
@@ -36,6 +37,8 @@ def save_tiny_tokenizer(folder: str) -> None:
            '.', 'What', 'is', 'this', '?']
   vocab = {w: i for i, w in enumerate(words)}
   vocab.update(special)
+  free = (i for i in range(10_000) if i not in vocab.values())
+  vocab.update({w: next(free) for w in extra_words})
   tok = Tokenizer(models.WordLevel(vocab, unk_token='[UNK]'))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
   fast = transformers.PreTrainedTokenizerFast(
