@@ -92,8 +92,8 @@ def _metrics(cfg: config_lib.Config, source, l1: level1_lib.Level1, l2: staged.L
   }
   out.update(structure.stats(hier, w_dec1, cfg.level2.n_latents,
                              w_dec2_md=np.asarray(jax.device_get(l2.params['w_dec']))))
-  if not cfg.data.path:
-    truth = source.truth
+  truth = stages.ground_truth(cfg, source)
+  if truth is not None:
     out.update(synthetic_eval.scores(truth.children_cd, truth.parent_of_child_c, w_dec1,
                                      l1.alive_n, hierarchy_lib.labels(hier, len(w_dec1))))
   return out

@@ -35,6 +35,14 @@ def make_source(cfg: config_lib.Config):
   return synthetic.SyntheticSource(cfg.data.synthetic, **kw)
 
 
+def ground_truth(cfg: config_lib.Config, source) -> synthetic.GroundTruth | None:
+  """The synthetic ground truth: the built-in source's, or the ground_truth.npz that
+  SyntheticSource.write left beside exported rows; None for real activations."""
+  if not cfg.data.path:
+    return source.truth
+  return synthetic.read_ground_truth(cfg.data.path, source.d)
+
+
 def first_global_batch(source) -> np.ndarray:
   """The whole first batch, identical on every host (initialisation must agree across hosts)."""
   if hasattr(source, 'global_batch'):

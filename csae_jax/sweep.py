@@ -58,16 +58,17 @@ def run(cfg: config_lib.Config, source, mesh, workdir: str, *, hooks=()) -> dict
       desc=f'sweep x{len(members)}', stacked=True, stack_hparams=hp)
   eval_rows = list(source.eval_batches(cfg.data.eval_rows, stages.EVAL_BATCH))  # read once
   rows = []
+  truth = stages.ground_truth(cfg, source)
   for r, m in enumerate(members):
     p = jax.tree.map(lambda a, r=r: a[r], res.state.params['level1'])
     thr = float(res.state.threshold['level1'][r])
     ev = recon.evaluate(p, eval_rows, thr, arch=s1.arch, k=int(m['k']))
     row = {**{a: m[a] for a in AXES}, 'fvu': ev['fvu'], 'l0': ev['l0'],
            'dead_frac': ev['dead_frac'], 'dense_frac': ev['dense_frac']}
-    if not cfg.data.path:
+    if truth is not None:
       alive = ev['fires_n'] > 0
       n = len(alive)
-      sc = synthetic_eval.scores(source.truth.children_cd, source.truth.parent_of_child_c,
+      sc = synthetic_eval.scores(truth.children_cd, truth.parent_of_child_c,
                                  stages.unit_rows(p), alive, np.full(n, -1))
       row['child_mcc'] = sc['synthetic/child_mcc']
       row['children_recovered'] = sc['synthetic/children_recovered']

@@ -232,3 +232,36 @@ def test_stability_option_trains_the_next_seed_and_compares(tmp_path):
   assert m['stability/feature_match'] > 0.4 and m['stability/concept_ari'] > 0.5
   with open(os.path.join(wd, 'export', 'metrics.json')) as f:
     assert json.load(f)['stability/concept_ari'] == m['stability/concept_ari']
+
+
+def test_exported_synthetic_data_is_scored_against_its_ground_truth(tmp_path):
+  from csae_jax.evals import synthetic as synthetic_eval
+  from csae_jax.sources import synthetic
+  from csae_jax import config as config_lib
+  c = small()
+  data = str(tmp_path / 'acts')
+  synth = config_lib.from_config_dict(c).data.synthetic
+  synthetic.SyntheticSource(synth, batch_size=128, seed=3).write(data, 6000)
+  m = modes.run(arrays_cfg(data, **{'train.steps': 500, 'level2.steps': 40, 'level2.restarts': 1,
+                                    'level1.n_latents': c.level1.n_latents}),
+                str(tmp_path / 'wd'))
+  w1, _, hier = _export(str(tmp_path / 'wd'))
+  truth = synthetic.read_ground_truth(data, w1.shape[1])
+  alive = np.zeros(len(w1), bool)
+  alive[hier['alive']] = True
+  labels = np.full(len(w1), -1)
+  for concept in hier['concepts']:
+    labels[concept['members']] = concept['id']
+  want = synthetic_eval.scores(truth.children_cd, truth.parent_of_child_c, w1, alive, labels)
+  for key in ('synthetic/children_recovered', 'synthetic/child_mean_max_cos',
+              'synthetic/parent_ari_recovered'):
+    assert m[key] == pytest.approx(want[key], abs=1e-6, nan_ok=True), key
+  assert m['synthetic/children_recovered'] > 0.5  # the children were found, not scored at random
+  assert np.isfinite(m['synthetic/parent_ari_recovered'])
+
+  # A ground truth of another width is refused with both shapes named.
+  np.savez(os.path.join(data, 'ground_truth.npz'), parents_kd=truth.parents_kd[:, :5],
+           children_cd=truth.children_cd[:, :5], parent_of_child_c=truth.parent_of_child_c)
+  with pytest.raises(ValueError, match=r'ground_truth\.npz.*\(\d+, 5\).*d=\d+'):
+    modes.run(arrays_cfg(data, **{'train.steps': 20, 'level2.steps': 20, 'level2.restarts': 1}),
+              str(tmp_path / 'wd2'))

@@ -54,17 +54,18 @@ def build(params2: dict, rows_rd: np.ndarray, alive_ids: np.ndarray,
   rows_g, labels_g = unit_rd[rep_g], parent_r[rep_g]
   info['level2/duplicate_rows'] = int(len(unit_rd) - len(rep_g))
   merges = 0
+  max_z = s2.merge_z or None
   if s2.merge_ratio:
-    labels_g, m = merge.merge_labels(rows_g, labels_g, s2.merge_ratio)
+    labels_g, m = merge.merge_labels(rows_g, labels_g, s2.merge_ratio, max_z=max_z)
     merges += len(m['ratios'])
   if s2.refine:
     labels_g, moved = merge.refine_labels(rows_g, labels_g, s2.merge_ratio or 1.0)
     info['level2/rows_moved'] = moved
     if s2.merge_ratio:
-      labels_g, m = merge.merge_labels(rows_g, labels_g, s2.merge_ratio)
+      labels_g, m = merge.merge_labels(rows_g, labels_g, s2.merge_ratio, max_z=max_z)
       merges += len(m['ratios'])
   info['level2/merges'] = merges
-  labels_g, capped = merge.dissolve_or_merge_to(rows_g, labels_g, s2.n_latents)
+  labels_g, capped = merge.dissolve_or_merge_to(rows_g, labels_g, s2.n_latents, max_z=max_z)
   info['level2/dissolved'], info['level2/forced_merges'] = capped['dissolved'], capped['forced_merges']
   labels_r = labels_g[inverse_r.reshape(-1)]
   # renumber: concept id = its row in the concept SAE, largest concepts first

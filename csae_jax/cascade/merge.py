@@ -30,6 +30,11 @@ _BLOCK = 1024  # concepts per block of the ratio matrix (memory: block x c)
 # A member is unrelated to its concept when its mean cosine to the other members is below
 # CHANCE_Z standard deviations of the mean cosine of unrelated directions.
 CHANCE_Z = 3.0
+# Two concepts are measurably distinct when within - cross exceeds this many standard errors
+# (the z-test of merge_labels; off by default: on the robustness suite it kept true parents
+# split on unequal branching, see config.SAEConfig.merge_z).
+MAX_Z = 3.0
+_DEMOTE = 1e3  # distinct pairs rank below every other pair (still ordered among themselves)
 
 
 def _within(s_cd: np.ndarray, n_c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -37,15 +42,32 @@ def _within(s_cd: np.ndarray, n_c: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   return np.sum(s_cd * s_cd, axis=1) - n_c, n_c * (n_c - 1)
 
 
+def pair_spread(rows_rd: np.ndarray, labels_r: np.ndarray) -> float:
+  """Pooled standard deviation of the pairwise cosines inside each concept around the concept's
+  mean (concepts with >= 3 members): how far one pair's similarity strays from its concept's."""
+  ss, dof = 0.0, 0
+  for c in np.unique(labels_r[labels_r >= 0]):
+    m = rows_rd[labels_r == c]
+    if len(m) < 3:
+      continue
+    g = (m @ m.T)[np.triu_indices(len(m), 1)]
+    ss += float(np.sum((g - g.mean()) ** 2))
+    dof += len(g) - 1
+  return float(np.sqrt(ss / dof)) if dof > 0 else 0.0
+
+
 def merge_labels(rows_rd: Float[np.ndarray, 'r d'], labels_r: Int[np.ndarray, 'r'],
-                 min_ratio: float, max_concepts: int | None = None
-                 ) -> tuple[np.ndarray, dict]:
+                 min_ratio: float, max_concepts: int | None = None,
+                 max_z: float | None = None) -> tuple[np.ndarray, dict]:
   """Merged concept labels for the rows, and what was merged.
 
   labels_r: a concept id per row (-1: unassigned, left alone). Returns (labels_r, info) with
   merged concepts taking the smallest id of their group; info['groups'] lists the original ids
   of every concept that absorbed others, info['ratios'] the ratio of each merge in order.
   max_concepts: keep merging (best ratio first) until at most this many concepts remain.
+  max_z: a pair whose within similarity exceeds its cross similarity by more than max_z
+  standard errors is distinct, whatever its ratio (merged only when forced by max_concepts,
+  after every other pair); None: the ratio alone.
   """
   rows_rd = np.asarray(rows_rd, np.float64)
   rows_rd = rows_rd / np.maximum(np.linalg.norm(rows_rd, axis=1, keepdims=True), 1e-12)
@@ -62,6 +84,8 @@ def merge_labels(rows_rd: Float[np.ndarray, 'r d'], labels_r: Int[np.ndarray, 'r
   n_c = np.bincount(index_r[assigned_r], minlength=c).astype(np.float64)
   active_c = np.ones(c, bool)
   owner_c = np.arange(c)          # original concept -> the concept that absorbed it
+  sigma = pair_spread(rows_rd, labels_r) if max_z is not None else 0.0
+  info['pair_spread'] = round(float(sigma), 4)
 
   def ratios(q_idx: np.ndarray) -> np.ndarray:
     """[len(q), c] ratio of cross to pooled within similarity, concepts q x every concept."""
@@ -73,6 +97,14 @@ def merge_labels(rows_rd: Float[np.ndarray, 'r d'], labels_r: Int[np.ndarray, 'r
     cross = (s_cd[q_idx] @ s_cd.T) / np.maximum(n_c[q_idx, None] * n_c[None, :], 1)
     with np.errstate(invalid='ignore'):
       r = np.where(pooled > 1e-9, cross / np.maximum(pooled, 1e-9), -np.inf)
+    if max_z is not None and sigma > 0:
+      # Distinct concepts can reach the ratio by chance when they are small; with enough members
+      # their cross similarity is measurably below their within similarity. Standard error of
+      # (within - cross) from the pooled spread of pair cosines (pairs as independent draws).
+      n_pairs = np.maximum(pooled_pairs / 2, 1)
+      se = sigma * np.sqrt(1 / np.maximum(n_c[q_idx, None] * n_c[None, :], 1) + 1 / n_pairs)
+      distinct = (pooled - cross) / se > max_z
+      r = np.where(distinct & np.isfinite(r), r - _DEMOTE, r)
     r[:, ~active_c] = -np.inf
     r[np.arange(len(q_idx)), q_idx] = -np.inf
     return r
@@ -100,7 +132,9 @@ def merge_labels(rows_rd: Float[np.ndarray, 'r d'], labels_r: Int[np.ndarray, 'r
     s_cd[b], n_c[b], active_c[b] = 0.0, 0.0, False
     best_c[b] = -np.inf
     owner_c[owner_c == b] = a
-    info['ratios'].append(round(float(ratio), 4))
+    demoted = ratio < -_DEMOTE / 2
+    info['ratios'].append(round(float(ratio + _DEMOTE if demoted else ratio), 4))
+    info['distinct_merged'] = info.get('distinct_merged', 0) + int(demoted)
     # refresh the merged concept and every concept whose best partner was a or b; then the
     # merged concept may have become the best partner of others
     stale = np.nonzero(active_c & ((arg_c == a) | (arg_c == b)))[0]
@@ -215,7 +249,8 @@ def near_duplicate_groups(rows_rd: Float[np.ndarray, 'r d'], cos: float) -> np.n
 
 
 def dissolve_or_merge_to(rows_rd: Float[np.ndarray, 'r d'], labels_r: Int[np.ndarray, 'r'],
-                         max_concepts: int) -> tuple[np.ndarray, dict]:
+                         max_concepts: int, max_z: float | None = None
+                         ) -> tuple[np.ndarray, dict]:
   """At most max_concepts concepts. Concepts that show no grouping (singletons, then those whose
   members are no more similar than unrelated directions, least coherent first) are dissolved
   (their rows unassigned, -1); if still too many, the most similar concepts are merged (the
@@ -242,6 +277,7 @@ def dissolve_or_merge_to(rows_rd: Float[np.ndarray, 'r d'], labels_r: Int[np.nda
   info['dissolved'] = len(drop)
   if len(ids) - len(drop) > max_concepts:
     before = len(np.unique(labels_r[labels_r >= 0]))
-    labels_r, m = merge_labels(u, labels_r, min_ratio=np.inf, max_concepts=max_concepts)
+    labels_r, m = merge_labels(u, labels_r, min_ratio=np.inf, max_concepts=max_concepts,
+                               max_z=max_z)
     info['forced_merges'] = before - len(np.unique(labels_r[labels_r >= 0]))
   return labels_r, info

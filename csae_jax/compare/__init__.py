@@ -51,7 +51,8 @@ def _methods(cfg, source, mesh, workdir) -> list[methods_lib.Method]:
   if 'reference' in fams:
     out.append(methods_lib.topk_reference(cfg, source, mesh, workdir, l1))
   if 'oracle' in fams:
-    out += methods_lib.oracle_grouping(source, workdir, l1)
+    out += methods_lib.oracle_grouping(source, workdir, l1,
+                                       truth=stages.ground_truth(cfg, source))
   return out
 
 

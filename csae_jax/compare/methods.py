@@ -218,11 +218,11 @@ def topk_reference(cfg, source, mesh, workdir, l1: Level1) -> Method:
   return Method('topk_reference', 'reference', os.path.join(wd, 'export'), metrics)
 
 
-def oracle_grouping(source, workdir, l1: Level1) -> list[Method]:
-  """Synthetic data only: the same alive level-1 features grouped by the true parent of the
+def oracle_grouping(source, workdir, l1: Level1, truth=None) -> list[Method]:
+  """Synthetic data only (built-in, or exported with its ground truth): the same alive level-1 features grouped by the true parent of the
   true child each one is closest to (cosine). The ceiling of any grouping of this level 1: a
   method scoring like it on a metric cannot be beaten on that metric by a better grouping."""
-  truth = getattr(source, 'truth', None)
+  truth = truth if truth is not None else getattr(source, 'truth', None)
   if truth is None:
     return []
   alive_ids, rows_rd = l1.alive_rows()

@@ -26,6 +26,7 @@ from csae_jax.evals import embeddings as embeddings_lib
 from csae_jax.evals import hierarchy as hier_eval
 from csae_jax.evals import recon, structure
 from csae_jax.evals import synthetic as synthetic_eval
+from csae_jax.sources import synthetic as synthetic_source
 
 BATCH = 4096
 
@@ -89,7 +90,8 @@ def harvested_eval_set(source, eval_rows: int, embeddings: str = '', taxonomy: s
   if taxonomy:
     fine_i, coarse_f = _taxonomy_labels(folder, taxonomy, n_images)
   return EvalSet(x_nd=x_nd, image_id_n=image_id_n, n_images=n_images, emb_ie=emb_ie,
-                 fine_label_i=fine_i, coarse_of_fine=coarse_f)
+                 fine_label_i=fine_i, coarse_of_fine=coarse_f,
+                 truth=synthetic_source.read_ground_truth(folder, source.d))
 
 
 def _taxonomy_labels(folder: str, taxonomy: str, n_images: int):

@@ -43,6 +43,34 @@ class GroundTruth:
   parent_of_child_c: np.ndarray  # [K * C] int, index of each child's parent
 
 
+GROUND_TRUTH_FILE = 'ground_truth.npz'  # written by SyntheticSource.write beside the rows
+
+
+def read_ground_truth(data_path: str, d: int) -> GroundTruth | None:
+  """The GroundTruth that SyntheticSource.write put in the data directory (or beside the data
+  file), or None when there is none: exported synthetic data is scored like built-in data."""
+  folder = data_path if os.path.isdir(data_path) else os.path.dirname(data_path)
+  path = os.path.join(folder, GROUND_TRUTH_FILE)
+  if not os.path.isfile(path):
+    return None
+  keys = ('parents_kd', 'children_cd', 'parent_of_child_c')
+  with np.load(path) as z:
+    missing = [k for k in keys if k not in z.files]
+    if missing:
+      raise ValueError(f'{path}: missing key(s) {missing} (has {z.files}); write it with '
+                       f'SyntheticSource.write, or remove it to skip ground-truth scoring.')
+    truth = GroundTruth(*(np.asarray(z[k]) for k in keys))
+  c = len(truth.children_cd)
+  if (truth.children_cd.shape != (c, d) or truth.parents_kd.ndim != 2
+      or truth.parents_kd.shape[1] != d or truth.parent_of_child_c.shape != (c,)):
+    raise ValueError(f'{path}: parents_kd {truth.parents_kd.shape}, children_cd '
+                     f'{truth.children_cd.shape}, parent_of_child_c '
+                     f'{truth.parent_of_child_c.shape} do not fit data of width d={d} '
+                     f'(expected [K, {d}], [C, {d}], [C]); is it the ground truth of another '
+                     f'export?')
+  return truth
+
+
 def branching(cfg: SyntheticConfig) -> np.ndarray:
   """[K] number of children of each parent (from the dictionary seed)."""
   if not cfg.n_children_max or cfg.n_children_max == cfg.n_children:
@@ -204,8 +232,8 @@ class SyntheticSource:
         yield self.sample(rng, min(rows_per_shard, n_rows - start))[0]
 
     paths = arrays.write_shards(out_dir, chunks(), rows_per_shard=rows_per_shard)
-    np.savez(os.path.join(out_dir, 'ground_truth.npz.tmp.npz'), parents_kd=self.truth.parents_kd,
+    np.savez(os.path.join(out_dir, GROUND_TRUTH_FILE + '.tmp.npz'), parents_kd=self.truth.parents_kd,
              children_cd=self.truth.children_cd, parent_of_child_c=self.truth.parent_of_child_c)
-    os.replace(os.path.join(out_dir, 'ground_truth.npz.tmp.npz'),
-               os.path.join(out_dir, 'ground_truth.npz'))
+    os.replace(os.path.join(out_dir, GROUND_TRUTH_FILE + '.tmp.npz'),
+               os.path.join(out_dir, GROUND_TRUTH_FILE))
     return paths

@@ -79,3 +79,24 @@ def test_refine_moves_strays_home_and_ejects_unrelated_members():
   junk_labels = refined[len(rows):]
   assert len(set(junk_labels)) == 6 and not set(junk_labels) & set(parent_r)  # each alone
   assert moved >= 8  # (a stray junk row may hop once before it is ejected)
+
+
+def test_measurably_distinct_concepts_stay_apart_above_the_ratio():
+  # parents at cosine 0.8: their children's cross / within ratio passes 0.7, so the ratio alone
+  # merges every pair; with 30 members each, within - cross is many standard errors, and the
+  # z-test keeps all six apart. With 3 members each the difference is not measurable, and
+  # the ratio decides again.
+  rows, parent_r = _concepts(children=(30,) * 6, corr=0.8, d=192)
+  by_ratio, _ = merge.merge_labels(rows, parent_r, min_ratio=0.7, max_z=None)
+  assert len(np.unique(by_ratio)) == 3
+  kept, info = merge.merge_labels(rows, parent_r, min_ratio=0.7, max_z=merge.MAX_Z)
+  np.testing.assert_array_equal(kept, parent_r)
+  assert info['pair_spread'] > 0
+  few_rows, few_parent = _concepts(children=(3,) * 6, corr=0.8, d=192)
+  few, _ = merge.merge_labels(few_rows, few_parent, min_ratio=0.7, max_z=merge.MAX_Z)
+  assert len(np.unique(few)) < 6
+  # forced by a cap, distinct concepts still merge (the closest pairs)
+  capped, info = merge.merge_labels(rows, parent_r, min_ratio=0.7, max_concepts=3,
+                                    max_z=merge.MAX_Z)
+  assert len(np.unique(capped)) == 3 and info['distinct_merged'] == 3
+  assert sorted(sorted(g) for g in info['groups'].values()) == [[0, 1], [2, 3], [4, 5]]
