@@ -94,10 +94,11 @@ class SAEConfig:
   lr: float = 1e-3
   assign_threshold: float = 1e-3
   # Level-2 concepts (cascade/concepts.py): the SAE trains oversplit x n_latents latents (at most
-  # half the rows), then fragments of one concept are merged (cross / within similarity of their
+  # half the rows; 0 = half the rows, the most the merge can use: a small SAE puts correlated
+  # concepts in one latent, which no merge undoes), then fragments of one concept are merged (cross / within similarity of their
   # members >= merge_ratio; 0 = no merging), rows move to the concept their members are most
   # similar to (refine), and at most n_latents concepts are kept (the most coherent).
-  oversplit: float = 2.0
+  oversplit: float = 0.0
   merge_ratio: float = 0.7
   # > 0: a pair whose within similarity exceeds its cross similarity by more than merge_z
   # standard errors is distinct whatever its ratio (merged last, only to meet n_latents).
@@ -254,9 +255,9 @@ def _validate_sae(key: str, sae: SAEConfig) -> None:
     _positive(f'{key}.{name}', getattr(sae, name), allow_zero=True)
   _positive(f'{key}.steps', sae.steps)
   _positive(f'{key}.restarts', sae.restarts)
-  if sae.oversplit < 1:
-    raise ValueError(f'config key {key}.oversplit must be >= 1 (1: train exactly n_latents '
-                     f'level-2 latents), got {sae.oversplit}')
+  if sae.oversplit != 0 and sae.oversplit < 1:
+    raise ValueError(f'config key {key}.oversplit must be 0 (auto: half the rows) or >= 1 (1: '
+                     f'train exactly n_latents level-2 latents), got {sae.oversplit}')
   if sae.merge_z < 0:
     raise ValueError(f'config key {key}.merge_z must be >= 0 (0: merge by the ratio alone; ~3: '
                      f'keep measurably distinct concepts apart), got {sae.merge_z}')

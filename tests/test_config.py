@@ -122,6 +122,9 @@ def test_none_allowed_only_for_optional_fields():
     (lambda d: d['data']['synthetic'].update(p_parent=1.5), 'data.synthetic.p_parent'),
     (lambda d: d['data']['synthetic'].update(scene_cooccur=-0.1), 'data.synthetic.scene_cooccur'),
     (lambda d: d['data']['synthetic'].update(scene_size=3), 'data.synthetic.scene_size'),
+    (lambda d: d['level2'].update(merge_z=-1.0), 'level2.merge_z'),
+    (lambda d: d['level2'].update(merge_ratio=3.0), 'level2.merge_ratio'),
+    (lambda d: d['level2'].update(oversplit=0.5), 'level2.oversplit'),
 ])
 def test_bad_values_raise_naming_the_key(mutate, key):
   with pytest.raises(ValueError, match=key.replace('.', r'\.')):

@@ -137,15 +137,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.level2.assign_threshold = 1e-3
   # From the level-2 SAE to concepts (csae_jax/cascade/concepts.py). A level-2 SAE's loss always
   # drops when a latent splits, so n_latents above the true number of concepts cuts concepts
-  # into fragments, and n_latents at it loses concepts to stray rows. So the SAE trains
-  # oversplit x n_latents latents (at most half the rows); fragments whose members are as
-  # similar across as within (ratio >= merge_ratio) are merged (merge_z > 0: unless their within
-  # similarity is merge_z standard errors above the cross; off, see config.py); rows move to the concept their
-  # members are most similar to (refine; members no closer to their concept than unrelated
-  # directions leave it); at most n_latents concepts are kept, the most coherent. The exported
+  # into fragments, and n_latents at it loses concepts to stray rows (and puts correlated
+  # concepts in one latent). So the SAE trains oversplit x n_latents latents (0: half the rows,
+  # the default); fragments whose members are as similar across as within (ratio >=
+  # merge_ratio) are merged (merge_z > 0: unless their within similarity is merge_z standard
+  # errors above the cross; off, see config.py); rows move to the concept their members are
+  # most similar to (refine; members no closer to their concept than unrelated directions
+  # leave it); at most n_latents concepts are kept, the most coherent. The exported
   # level-2 SAE then has one latent per concept. merge_ratio = 0, refine = False, oversplit = 1:
   # the paper's rule alone (the trained SAE's argmax). Chosen on benchmarks/robustness.py.
-  c.level2.oversplit = 2.0
+  c.level2.oversplit = 0.0  # 0: half the rows
   c.level2.merge_ratio = 0.7
   c.level2.merge_z = 0.0
   c.level2.refine = True
