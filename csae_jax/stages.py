@@ -102,12 +102,23 @@ def unit_rows(params) -> np.ndarray:
   return w_nd / np.maximum(np.linalg.norm(w_nd, axis=1, keepdims=True), 1e-12)
 
 
+# SAEConfig fields read after training, by the concept step on the finished level-2 SAE: a
+# change reruns that step, not the training.
+POST_TRAINING_KEYS = ('assign_threshold', 'merge_ratio', 'merge_z', 'refine')
+# SAEConfig fields only the level-2 stage reads: level 1's checkpoints do not depend on them
+# (a new level-2 default must not throw away a finished level 1).
+LEVEL2_ONLY_KEYS = ('oversplit', 'restarts')
+
+
 def stage_config(cfg: config_lib.Config, *parts: str) -> dict:
   """The config groups a stage depends on (its hash decides whether a checkpoint is reused)."""
   d = config_lib.to_dict(cfg)
   out = {p: d[p] for p in parts}
   if 'data' in out:
     out['data'] = {k: v for k, v in out['data'].items() if k != 'eval_rows'}
+  for p in set(parts) & {'level1', 'level2'}:
+    drop = POST_TRAINING_KEYS + (LEVEL2_ONLY_KEYS if p == 'level1' else ())
+    out[p] = {k: v for k, v in out[p].items() if k not in drop}
   return out
 
 

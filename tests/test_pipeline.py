@@ -266,3 +266,23 @@ def test_exported_synthetic_data_is_scored_against_its_ground_truth(tmp_path):
   with pytest.raises(ValueError, match=r'ground_truth\.npz.*\(\d+, 5\).*d=\d+'):
     modes.run(arrays_cfg(data, **{'train.steps': 20, 'level2.steps': 20, 'level2.restarts': 1}),
               str(tmp_path / 'wd2'))
+
+
+def test_stage_hashes_ignore_what_the_stage_does_not_read():
+  """A level-2 or concept-step setting must not invalidate a finished level 1 (nor a concept-
+  step setting a finished level 2): they are left out of those stages' config hashes."""
+  from csae_jax import config as config_lib
+  from csae_jax import stages
+  base = config_lib.from_config_dict(small())
+  def part(overrides, *parts):
+    return stages.stage_config(config_lib.from_config_dict(small(**overrides)), *parts)
+  for key, value in (('level2.oversplit', 3.0), ('level2.merge_ratio', 0.9),
+                     ('level2.merge_z', 3.0), ('level2.refine', False)):
+    assert part({key: value}, 'level1', 'train', 'data') == stages.stage_config(
+        base, 'level1', 'train', 'data'), key
+  for key, value in (('level2.merge_ratio', 0.9), ('level2.merge_z', 3.0),
+                     ('level2.refine', False), ('level2.assign_threshold', 0.1)):
+    assert part({key: value}, 'level2') == stages.stage_config(base, 'level2'), key
+  # what the training reads still counts
+  assert part({'level2.oversplit': 3.0}, 'level2') != stages.stage_config(base, 'level2')
+  assert part({'level1.k': 3}, 'level1') != stages.stage_config(base, 'level1')
