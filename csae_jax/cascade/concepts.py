@@ -69,7 +69,8 @@ def build(params2: dict, rows_rd: np.ndarray, alive_ids: np.ndarray,
       labels_g, m = merge.merge_labels(rows_g, labels_g, s2.merge_ratio, max_z=max_z)
       merges += len(m['ratios'])
   info['level2/merges'] = merges
-  labels_g, capped = merge.dissolve_or_merge_to(rows_g, labels_g, s2.n_latents, max_z=max_z)
+  labels_g, capped = merge.dissolve_or_merge_to(
+      rows_g, labels_g, s2.n_latents, max_z=max_z, merge=not s2.merge_ratio)
   info['level2/dissolved'], info['level2/forced_merges'] = capped['dissolved'], capped['forced_merges']
   labels_r = labels_g[inverse_r.reshape(-1)]
   # renumber: concept id = its row in the concept SAE, largest concepts first

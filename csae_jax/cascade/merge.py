@@ -249,12 +249,17 @@ def near_duplicate_groups(rows_rd: Float[np.ndarray, 'r d'], cos: float) -> np.n
 
 
 def dissolve_or_merge_to(rows_rd: Float[np.ndarray, 'r d'], labels_r: Int[np.ndarray, 'r'],
-                         max_concepts: int, max_z: float | None = None
+                         max_concepts: int, max_z: float | None = None, merge: bool = True
                          ) -> tuple[np.ndarray, dict]:
   """At most max_concepts concepts. Concepts that show no grouping (singletons, then those whose
   members are no more similar than unrelated directions, least coherent first) are dissolved
-  (their rows unassigned, -1); if still too many, the most similar concepts are merged (the
-  merge's ratio, best first: fragments of one concept go before distinct concepts)."""
+  (their rows unassigned, -1). If still too many:
+    merge=True: the most similar concepts are merged (the merge's ratio, best first: fragments
+      of one concept go before distinct concepts);
+    merge=False: the concepts with the least evidence are dissolved too, evidence = the sum of
+      their members' pairwise cosines (size x coherence). For concepts a merge step has already
+      judged distinct: merging two of them makes a mixed concept (two correlated parents in one,
+      robustness suite), while dissolving a small one only leaves its rows unassigned."""
   u = np.asarray(rows_rd, np.float64)
   u = u / np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
   labels_r = np.asarray(labels_r, np.int64).copy()
@@ -263,16 +268,20 @@ def dissolve_or_merge_to(rows_rd: Float[np.ndarray, 'r d'], labels_r: Int[np.nda
   if len(ids) <= max_concepts:
     return labels_r, info
   d = u.shape[1]
-  coh, weak = {}, []
+  coh, mass, weak = {}, {}, []
   for c in ids:
     m = u[labels_r == c]
     n = len(m)
     s = m.sum(0)
-    coh[c] = (s @ s - n) / (n * (n - 1)) if n > 1 else -np.inf
+    mass[c] = s @ s - n
+    coh[c] = mass[c] / (n * (n - 1)) if n > 1 else -np.inf
     if n == 1 or coh[c] < chance_similarity(d, np.asarray(n * (n - 1) / 2.0)):
       weak.append(c)
   weak.sort(key=lambda c: (coh[c], c))
   drop = weak[:len(ids) - max_concepts]
+  if not merge and len(ids) - len(drop) > max_concepts:
+    rest = sorted((c for c in ids if c not in set(drop)), key=lambda c: (mass[c], c))
+    drop += rest[:len(ids) - len(drop) - max_concepts]
   labels_r[np.isin(labels_r, drop)] = -1
   info['dissolved'] = len(drop)
   if len(ids) - len(drop) > max_concepts:

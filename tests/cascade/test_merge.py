@@ -100,3 +100,19 @@ def test_measurably_distinct_concepts_stay_apart_above_the_ratio():
                                     max_z=merge.MAX_Z)
   assert len(np.unique(capped)) == 3 and info['distinct_merged'] == 3
   assert sorted(sorted(g) for g in info['groups'].values()) == [[0, 1], [2, 3], [4, 5]]
+
+
+def test_cap_without_merge_dissolves_the_least_evidence_instead_of_mixing_concepts():
+  # six parents in correlated pairs plus a tight 2-row stray group; cap at 6 concepts
+  rows, parent_r = _concepts(children=(8, 8, 8, 8, 8, 8), corr=0.5, d=128)
+  rng = np.random.default_rng(5)
+  v = rng.standard_normal(128)
+  stray = v + 0.3 * rng.standard_normal((2, 128))
+  all_rows = np.concatenate([rows, stray / np.linalg.norm(stray, axis=1, keepdims=True)])
+  labels = np.concatenate([parent_r, [6, 6]])
+  kept, info = merge.dissolve_or_merge_to(all_rows, labels, 6, merge=False)
+  np.testing.assert_array_equal(kept[:len(rows)], parent_r)  # every parent intact
+  assert (kept[len(rows):] == -1).all() and info == {'dissolved': 1, 'forced_merges': 0}
+  # merge=True (the paper's rule, no merge step before it): the closest pair merges instead
+  merged, info = merge.dissolve_or_merge_to(all_rows, labels, 6, merge=True)
+  assert info['forced_merges'] == 1 and len(np.unique(merged)) == 6
