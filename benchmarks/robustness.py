@@ -156,17 +156,24 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
         v = [per_seed[s][label][m][k] for s in per_seed if m in per_seed[s][label]
              and per_seed[s][label][m][k] is not None]
         v = [x for x in v if not (isinstance(x, float) and math.isnan(x))]
-        agg[label][m][k] = (float(np.mean(v)), float(np.std(v))) if v else (math.nan, math.nan)
+        agg[label][m][k] = ((float(np.mean(v)), float(np.std(v)), len(v)) if v
+                            else (math.nan, math.nan, 0))
   return agg
 
 
-def _fmt(ms) -> str:
-  m, s = ms
-  return '—' if math.isnan(m) else f'{m:.3f} ± {s:.3f}'
+def _fmt(ms, seeds: int | None = None) -> str:
+  """mean ± std; '(n seeds)' when fewer seeds than the run's have this number."""
+  m, s, n = (tuple(ms) + (None,))[:3]
+  if math.isnan(m):
+    return '—'
+  few = f' ({n} seed{"s" if n != 1 else ""})' if seeds and n is not None and n < seeds else ''
+  return f'{m:.3f} ± {s:.3f}{few}'
 
 
 def markdown(results: dict, args, wall_s: float) -> str:
   fams = list(results)
+  n_seeds = len(str(args.seeds).split(','))
+  fmt = lambda ms: _fmt(ms, n_seeds)
   lines = [f'# Robustness suite\n',
            f'Command: `{" ".join(["python -m benchmarks.robustness"] + sys.argv[1:])}`; '
            f'seeds {args.seeds}; {args.steps} steps x {args.batch_size}; wall {wall_s / 60:.0f} '
@@ -176,18 +183,22 @@ def markdown(results: dict, args, wall_s: float) -> str:
   lines += ['## Level 1 (children recovered / mean max cosine)\n',
             '| family | n1 / k / K / children | CSAE level 1 | TopK + AuxK reference | joint | '
             'Matryoshka |', '|---|---|---|---|---|---|']
-  for f in fams:
+  if not all('2K' in results[f]['agg'] for f in fams):
+    fams_2k = []
+  else:
+    fams_2k = fams
+  for f in fams_2k:
     a, b = results[f]['agg']['2K'], results[f]['budget']
-    cell = lambda m: (f'{_fmt(a[m][SCORES[0]])} / {a[m][SCORES[1]][0]:.3f}' if m in a else '—')
+    cell = lambda m: (f'{fmt(a[m][SCORES[0]])} / {a[m][SCORES[1]][0]:.3f}' if m in a else '—')
     joint = next((m for m in a if m.startswith('csae_joint')), '')
     lines.append(f'| {f} | {b["n1"]} / {b["k1"]} / {b["K"]} / {b["children"]} | {cell("csae")} '
                  f'| {cell("topk_reference")} | {cell(joint)} | {cell("matryoshka_cosine")} |')
-  methods = [m for m in results[fams[0]]['agg']['2K'] if m != '_n2']
+  methods = [m for m in results[fams[0]]['agg'].get('2K', {}) if m != '_n2']
   lines += ['\n## Grouping ARI at n2 = 2K\n', '| family | ' + ' | '.join(methods) + ' |',
             '|---|' + '---|' * len(methods)]
-  for f in fams:
+  for f in fams_2k:
     a = results[f]['agg']['2K']
-    lines.append(f'| {f} | ' + ' | '.join(_fmt(a[m][SCORES[2]]) if m in a else '—'
+    lines.append(f'| {f} | ' + ' | '.join(fmt(a[m][SCORES[2]]) if m in a else '—'
                                          for m in methods) + ' |')
   lines += ['\n## CSAE ARI at n2 = K, 2K, n1/8 (best clustering of the same rows beside it)\n',
             '| family | CSAE K | CSAE 2K | CSAE n1/8 | best clustering K | 2K | n1/8 |',
@@ -197,10 +208,10 @@ def markdown(results: dict, args, wall_s: float) -> str:
     best = []
     for label in ('K', '2K', 'n1/8'):
       a = results[f]['agg'].get(label, {})
-      row.append(_fmt(a['csae'][SCORES[2]]) if 'csae' in a else '—')
+      row.append(fmt(a['csae'][SCORES[2]]) if 'csae' in a else '—')
       cl = [(a[m][SCORES[2]], m) for m in ('agglomerative', 'spectral', 'kmeans') if m in a]
       b = max(cl, key=lambda x: -1 if math.isnan(x[0][0]) else x[0][0]) if cl else None
-      best.append(f'{_fmt(b[0])} ({b[1]})' if b else '—')
+      best.append(f'{fmt(b[0])} ({b[1]})' if b else '—')
     lines.append('| ' + ' | '.join(row + best) + ' |')
   return '\n'.join(lines) + '\n'
 
@@ -209,7 +220,9 @@ def plot(results: dict, path: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fams = list(results)
+  fams = [f for f in results if '2K' in results[f]['agg']]
+  if not fams:
+    return
   methods = [m for m in results[fams[0]]['agg']['2K']]
   ari = np.array([[results[f]['agg']['2K'].get(m, {SCORES[2]: (np.nan, 0)})[SCORES[2]][0]
                    for m in methods] for f in fams])
