@@ -100,12 +100,13 @@ class SAEConfig:
   # similar to (refine), and at most n_latents concepts are kept (the most coherent).
   oversplit: float = 0.0
   merge_ratio: float = 0.7
-  # > 0: a pair whose within similarity exceeds its cross similarity by more than merge_z
-  # standard errors is distinct whatever its ratio (merged last, only to meet n_latents).
-  # 0 (default) = the ratio alone: on the robustness suite (4 families, seed 0) z = 3 kept
-  # fragments of unequal-branching parents apart (ARI 0.94 vs 1.00) and helped only
-  # correlated parents at n2 = K (0.83 vs 0.74).
-  merge_z: float = 0.0
+  # merge_z > 0: pairs with merge_floor <= ratio < merge_ratio merge too, unless measurably
+  # distinct: within similarity above cross by more than merge_z standard errors (then merged
+  # last, only to meet n_latents). A parent that is its own level-1 feature (parent emission)
+  # leaves fragments at ratio 0.6-0.7, as close as correlated parents (~0.6), which the z-test
+  # tells apart by their many members. 0 = the ratio alone (merge_ratio).
+  merge_z: float = 3.0
+  merge_floor: float = 0.5
   refine: bool = True
 
 
@@ -261,6 +262,10 @@ def _validate_sae(key: str, sae: SAEConfig) -> None:
   if sae.merge_z < 0:
     raise ValueError(f'config key {key}.merge_z must be >= 0 (0: merge by the ratio alone; ~3: '
                      f'keep measurably distinct concepts apart), got {sae.merge_z}')
+  if sae.merge_z and sae.merge_ratio and not 0 <= sae.merge_floor <= sae.merge_ratio:
+    raise ValueError(f'config key {key}.merge_floor must be in [0, merge_ratio = '
+                     f'{sae.merge_ratio}] (the z-tested band below merge_ratio), got '
+                     f'{sae.merge_floor}')
   if not 0 <= sae.merge_ratio <= 2:
     raise ValueError(f'config key {key}.merge_ratio must be in [0, 2] (0: no merging; ~0.7: '
                      f'merge fragments of one concept), got {sae.merge_ratio}')

@@ -123,6 +123,7 @@ def test_none_allowed_only_for_optional_fields():
     (lambda d: d['data']['synthetic'].update(scene_cooccur=-0.1), 'data.synthetic.scene_cooccur'),
     (lambda d: d['data']['synthetic'].update(scene_size=3), 'data.synthetic.scene_size'),
     (lambda d: d['level2'].update(merge_z=-1.0), 'level2.merge_z'),
+    (lambda d: d['level2'].update(merge_floor=0.9), 'level2.merge_floor'),
     (lambda d: d['level2'].update(merge_ratio=3.0), 'level2.merge_ratio'),
     (lambda d: d['level2'].update(oversplit=0.5), 'level2.oversplit'),
 ])

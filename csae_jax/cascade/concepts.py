@@ -59,14 +59,17 @@ def build(params2: dict, rows_rd: np.ndarray, alive_ids: np.ndarray,
   info['level2/duplicate_rows'] = int(len(unit_rd) - len(rep_g))
   merges = 0
   max_z = s2.merge_z or None
+  # with the z-test, the band [merge_floor, merge_ratio) merges unless measurably distinct
+  band = dict(max_z=max_z, z_below=s2.merge_ratio) if max_z else {}
+  floor = s2.merge_floor if max_z else s2.merge_ratio
   if s2.merge_ratio:
-    labels_g, m = merge.merge_labels(rows_g, labels_g, s2.merge_ratio, max_z=max_z)
+    labels_g, m = merge.merge_labels(rows_g, labels_g, floor, **band)
     merges += len(m['ratios'])
   if s2.refine:
     labels_g, moved = merge.refine_labels(rows_g, labels_g, s2.merge_ratio or 1.0)
     info['level2/rows_moved'] = moved
     if s2.merge_ratio:
-      labels_g, m = merge.merge_labels(rows_g, labels_g, s2.merge_ratio, max_z=max_z)
+      labels_g, m = merge.merge_labels(rows_g, labels_g, floor, **band)
       merges += len(m['ratios'])
   info['level2/merges'] = merges
   labels_g, capped = merge.dissolve_or_merge_to(

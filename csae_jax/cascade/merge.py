@@ -31,8 +31,7 @@ _BLOCK = 1024  # concepts per block of the ratio matrix (memory: block x c)
 # CHANCE_Z standard deviations of the mean cosine of unrelated directions.
 CHANCE_Z = 3.0
 # Two concepts are measurably distinct when within - cross exceeds this many standard errors
-# (the z-test of merge_labels; off by default: on the robustness suite it kept true parents
-# split on unequal branching, see config.SAEConfig.merge_z).
+# (the z-test of merge_labels; see config.SAEConfig.merge_z for where it applies).
 MAX_Z = 3.0
 _DEMOTE = 1e3  # distinct pairs rank below every other pair (still ordered among themselves)
 
@@ -58,7 +57,8 @@ def pair_spread(rows_rd: np.ndarray, labels_r: np.ndarray) -> float:
 
 def merge_labels(rows_rd: Float[np.ndarray, 'r d'], labels_r: Int[np.ndarray, 'r'],
                  min_ratio: float, max_concepts: int | None = None,
-                 max_z: float | None = None) -> tuple[np.ndarray, dict]:
+                 max_z: float | None = None, z_below: float = np.inf
+                 ) -> tuple[np.ndarray, dict]:
   """Merged concept labels for the rows, and what was merged.
 
   labels_r: a concept id per row (-1: unassigned, left alone). Returns (labels_r, info) with
@@ -67,7 +67,9 @@ def merge_labels(rows_rd: Float[np.ndarray, 'r d'], labels_r: Int[np.ndarray, 'r
   max_concepts: keep merging (best ratio first) until at most this many concepts remain.
   max_z: a pair whose within similarity exceeds its cross similarity by more than max_z
   standard errors is distinct, whatever its ratio (merged only when forced by max_concepts,
-  after every other pair); None: the ratio alone.
+  after every other pair); None: the ratio alone. z_below: only pairs whose ratio is below this
+  are tested (above it they merge whatever z): with min_ratio < z_below, the band between the
+  two merges unless the pair is measurably distinct.
   """
   rows_rd = np.asarray(rows_rd, np.float64)
   rows_rd = rows_rd / np.maximum(np.linalg.norm(rows_rd, axis=1, keepdims=True), 1e-12)
@@ -104,7 +106,7 @@ def merge_labels(rows_rd: Float[np.ndarray, 'r d'], labels_r: Int[np.ndarray, 'r
       n_pairs = np.maximum(pooled_pairs / 2, 1)
       se = sigma * np.sqrt(1 / np.maximum(n_c[q_idx, None] * n_c[None, :], 1) + 1 / n_pairs)
       distinct = (pooled - cross) / se > max_z
-      r = np.where(distinct & np.isfinite(r), r - _DEMOTE, r)
+      r = np.where(distinct & np.isfinite(r) & (r < z_below), r - _DEMOTE, r)
     r[:, ~active_c] = -np.inf
     r[np.arange(len(q_idx)), q_idx] = -np.inf
     return r

@@ -140,15 +140,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # into fragments, and n_latents at it loses concepts to stray rows (and puts correlated
   # concepts in one latent). So the SAE trains oversplit x n_latents latents (0: half the rows,
   # the default); fragments whose members are as similar across as within (ratio >=
-  # merge_ratio) are merged (merge_z > 0: unless their within similarity is merge_z standard
-  # errors above the cross; off, see config.py); rows move to the concept their members are
-  # most similar to (refine; members no closer to their concept than unrelated directions
+  # merge_ratio) are merged, and those down to merge_floor unless their within similarity is
+  # merge_z standard errors above the cross (measurably distinct; config.py); rows move to the
+  # concept their members are most similar to (refine; members no closer to their concept than unrelated directions
   # leave it); at most n_latents concepts are kept, the most coherent. The exported
   # level-2 SAE then has one latent per concept. merge_ratio = 0, refine = False, oversplit = 1:
   # the paper's rule alone (the trained SAE's argmax). Chosen on benchmarks/robustness.py.
   c.level2.oversplit = 0.0  # 0: half the rows
   c.level2.merge_ratio = 0.7
-  c.level2.merge_z = 0.0
+  c.level2.merge_z = 3.0
+  c.level2.merge_floor = 0.5
   c.level2.refine = True
 
   c.train = ml_collections.ConfigDict()

@@ -116,3 +116,19 @@ def test_cap_without_merge_dissolves_the_least_evidence_instead_of_mixing_concep
   # merge=True (the paper's rule, no merge step before it): the closest pair merges instead
   merged, info = merge.dissolve_or_merge_to(all_rows, labels, 6, merge=True)
   assert info['forced_merges'] == 1 and len(np.unique(merged)) == 6
+
+
+def test_z_tested_band_merges_fragments_below_the_ratio_but_not_distinct_concepts():
+  # fragments of one parent with ratio in [0.5, 0.7) (a parent row among some fragments' members
+  # makes them look less alike) merge; correlated parents at a ratio in the band stay apart
+  rows, parent_r = _concepts(children=(30,) * 6, corr=0.8, d=192)
+  # correlated pairs' ratio is ~0.8 here: put them in the band by asking for ratio >= 0.9
+  kept, _ = merge.merge_labels(rows, parent_r, min_ratio=0.5, max_z=merge.MAX_Z, z_below=0.9)
+  np.testing.assert_array_equal(kept, parent_r)
+  frag_r = _fragment(parent_r, 3)
+  merged, _ = merge.merge_labels(rows, frag_r, min_ratio=0.5, max_z=merge.MAX_Z, z_below=0.9)
+  same_true = parent_r[:, None] == parent_r[None, :]
+  np.testing.assert_array_equal(merged[:, None] == merged[None, :], same_true)
+  # above z_below the z-test is not asked: the correlated pairs merge by their ratio
+  fused, _ = merge.merge_labels(rows, parent_r, min_ratio=0.5, max_z=merge.MAX_Z, z_below=0.7)
+  assert len(np.unique(fused)) == 3
