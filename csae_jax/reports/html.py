@@ -19,6 +19,7 @@ import html
 import json
 import math
 import os
+import time
 
 import numpy as np
 
@@ -28,6 +29,9 @@ from csae_jax.reports import patches, plots
 _HERE = os.path.dirname(os.path.abspath(__file__))
 PAGE_SIZE = 100      # concepts built as DOM at a time
 TOP_IMAGES = 8       # top-activating images per feature / concept
+# Images a pipeline run scans for its report's top images (one more pass over the activations);
+# the report mode scans as many as its max_images says (0: all).
+PIPELINE_MAX_IMAGES = 5000
 
 
 def _asset(name: str) -> str:
@@ -244,9 +248,11 @@ def _compare_table(results: dict, std: dict | None) -> str:
   return '<table class="compare">' + head + ''.join(rows) + '</table>'
 
 
-def write_compare(workdir: str, **kw) -> str:
+def write_compare(workdir: str, *, rerender: bool = False, **kw) -> str:
   """report/index.html of a comparison: its table, its plots, and a link to each method's own
-  report (written here for methods whose folder has an export/ but no report yet)."""
+  report. A baseline's report (tree only) is written here; a CSAE method's own pipeline run
+  wrote its report already, rewritten only with rerender=True (the report mode); kw: `write`'s
+  options for those."""
   workdir = os.path.abspath(workdir)
   obj = ckpt_lib.read_json(_need(os.path.join(workdir, 'compare.json'), 'the comparison'))
   seeds = obj.get('seeds')
@@ -256,15 +262,18 @@ def write_compare(workdir: str, **kw) -> str:
     for s in seeds:
       sub = os.path.join(workdir, f'seed_{s}')
       if os.path.exists(os.path.join(sub, 'compare.json')):
-        write_compare(sub, **kw)
+        write_compare(sub, rerender=rerender, **kw)
         links.append((f'seed {s}', f'seed_{s}/report/index.html'))
   else:
     for name in results:
       sub = os.path.join(workdir, name)
-      if os.path.exists(os.path.join(sub, 'export', 'hierarchy.json')):
-        if not os.path.exists(os.path.join(sub, 'report', 'index.html')):
-          write(sub, images=False, title=f'{name} (compare run {os.path.basename(workdir)})')
-        links.append((name, f'{name}/report/index.html'))
+      if not os.path.exists(os.path.join(sub, 'export', 'hierarchy.json')):
+        continue
+      pipeline_run = os.path.exists(os.path.join(sub, 'histories.json'))
+      if rerender or not pipeline_run:
+        write(sub, **{**kw, 'images': kw.get('images', True) and pipeline_run},
+              title=f'{name} (comparison {os.path.basename(workdir)})')
+      links.append((name, f'{name}/report/index.html'))
   link_html = ''.join(f'<li><a href="{html.escape(href)}">{html.escape(text)}</a></li>'
                       for text, href in links)
   body = (f'<h2 id="comparison">Comparison</h2>{_compare_table(results, std)}'
@@ -286,5 +295,16 @@ def render(workdir: str, **kw) -> str:
     raise ValueError(f'workdir_in {workdir!r} does not exist; pass the --workdir of a finished '
                      f'run as --config.workdir_in=WD')
   if os.path.exists(os.path.join(workdir, 'compare.json')):
-    return write_compare(workdir, **kw)
+    return write_compare(workdir, rerender=True, **kw)
   return write(workdir, **kw)
+
+
+def run(cd) -> dict:
+  """stage='report' (experiments/configs/report.py): re-renders <workdir_in>/report/."""
+  from csae_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  cfg = cd if isinstance(cd, config_lib.ReportConfig) else config_lib.report_from_config_dict(cd)
+  t0 = time.perf_counter()
+  path = render(cfg.workdir_in, n_top=cfg.top_images, max_images=cfg.max_images,
+                page_size=cfg.page_size, images=cfg.images)
+  return {'mode': 'report', 'report': path, 'bytes': os.path.getsize(path),
+          'wall_s': round(time.perf_counter() - t0, 2)}
