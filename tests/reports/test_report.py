@@ -1,0 +1,170 @@
+"""The run report without a browser: self-contained, the tree's data is the run's hierarchy,
+coherence is the members' mean pairwise cosine, top images and heat maps of a harvest are the
+planted ones, the report mode re-renders a workdir, and a bad workdir_in names the missing file."""
+
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from csae_jax import config as config_lib
+from csae_jax import modes
+from csae_jax.reports import html as report_html
+from csae_jax.reports import patches
+from experiments.configs import report as report_config
+from tests.reports import fake
+
+
+def embedded_data(path: str) -> dict:
+  with open(path) as f:
+    text = f.read()
+  m = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', text, re.S)
+  return json.loads(m.group(1).replace('<\\/', '</'))
+
+
+def assert_self_contained(path: str) -> None:
+  with open(path) as f:
+    text = f.read()
+  # nothing remote: every src / href is a data: URI, a relative path or an in-page anchor
+  for attr, value in re.findall(r'\b(src|href)\s*=\s*["\']([^"\']*)', text):
+    assert not re.match(r'(https?:)?//', value), (attr, value)
+  assert not re.search(r'url\(\s*["\']?(https?:)?//', text)
+  assert not re.search(r'@import|<link\b|<script[^>]*\bsrc=', text)
+
+
+def _report_cfg(wd, **kw):
+  c = report_config.get_config()
+  c.workdir_in = wd
+  c.update(kw)
+  return c
+
+
+def test_pipeline_report_is_self_contained_and_holds_the_hierarchy(tmp_path):
+  wd = str(tmp_path / 'wd')
+  hier = fake.pipeline_workdir(wd, n1=60, n_concepts=9, figures=True)
+  path = report_html.write(wd)
+  assert path == os.path.join(wd, 'report', 'index.html')
+  assert_self_contained(path)
+  with open(path) as f:
+    text = f.read()
+  assert text.count('src="data:image/png;base64,') == 2  # curves + density, embedded
+  assert '<td>fvu</td><td>0.1234</td>' in text  # the metrics table
+  data = embedded_data(path)
+  assert [c[0] for c in data['concepts']] == [c['id'] for c in hier['concepts']]
+  assert [c[1] for c in data['concepts']] == [c['members'] for c in hier['concepts']]
+  assert [c[2] for c in data['concepts']] == [[round(w, 3) for w in c['weights']]
+                                              for c in hier['concepts']]
+  assert data['unassigned'] == hier['unassigned'] and 'ftop' not in data  # no harvest
+  w1 = np.load(os.path.join(wd, 'export', 'level1_decoder.npy'))
+  for c in data['concepts']:
+    rows = w1[c[1]]
+    cos = rows @ rows.T
+    want = (cos.sum() - len(rows)) / (len(rows) * (len(rows) - 1))
+    assert c[3] == pytest.approx(want, abs=1e-4)
+  # the page's script puts the ids on the elements the browser test looks for
+  assert 'data-concept-id="' in text and 'data-feature-id="' in text
+
+
+def test_coherence_is_one_for_identical_rows_and_none_for_singletons():
+  w = np.tile(np.array([[0.6, 0.8]], np.float32), (3, 1))
+  assert report_html.coherence(w, [0, 1, 2]) == pytest.approx(1.0)
+  assert report_html.coherence(np.eye(3, dtype=np.float32), [0, 1, 2]) == pytest.approx(0.0)
+  assert report_html.coherence(w, [1]) is None
+
+
+def test_report_mode_rerenders_a_workdir_without_training(tmp_path):
+  wd = str(tmp_path / 'wd')
+  fake.pipeline_workdir(wd)  # a run from before the curves were drawn (figures=False)
+  out = modes.run(_report_cfg(wd, page_size=7), '')
+  path = os.path.join(wd, 'report', 'index.html')
+  assert out['mode'] == 'report' and out['report'] == path and out['bytes'] > 1000
+  assert embedded_data(path)['page_size'] == 7
+  # the curves are drawn again from histories.json, into report/
+  assert os.path.getsize(os.path.join(wd, 'report', 'curves.png')) > 1000
+  assert not os.path.exists(os.path.join(wd, 'level1', 'ckpt'))  # nothing trained
+
+
+@pytest.mark.parametrize('remove, pattern', [
+    (None, r'workdir_in .*nowhere.* does not exist'),
+    ('export/metrics.json', r'export/metrics\.json is missing.*--config\.workdir_in'),
+    ('export/hierarchy.json', r'export/hierarchy\.json is missing'),
+    ('export/level1_decoder.npy', r'export/level1_decoder\.npy is missing'),
+])
+def test_bad_workdir_in_names_the_missing_file(tmp_path, remove, pattern):
+  wd = str(tmp_path / 'wd')
+  fake.pipeline_workdir(wd)
+  if remove:
+    os.remove(os.path.join(wd, remove))
+  else:
+    wd = str(tmp_path / 'nowhere')
+  with pytest.raises(ValueError, match=pattern):
+    modes.run(_report_cfg(wd), '')
+
+
+def test_report_config_refuses_unknown_and_missing_keys():
+  with pytest.raises(ValueError, match=r"unknown config key\(s\) \['top_imgs'\]"):
+    config_lib.report_from_config_dict({'workdir_in': 'x', 'top_imgs': 3})
+  with pytest.raises(ValueError, match=r"'workdir_in' is required"):
+    config_lib.report_from_config_dict(report_config.get_config())
+  with pytest.raises(ValueError, match=r"'top_images' must be > 0"):
+    config_lib.report_from_config_dict({'workdir_in': 'x', 'top_images': 0})
+
+
+def test_top_images_and_heat_maps_are_the_planted_ones(tmp_path):
+  wd, hier = fake.image_workdir(str(tmp_path))
+  path = report_html.write(wd, n_top=3)
+  data = embedded_data(path)
+  assert data['grid'] == list(fake.GRID)
+  for f in range(4):
+    imgs = sorted((i for i in range(fake.N_IMAGES) if fake.planted(i)[0] == f),
+                  key=lambda i: -fake.planted(i)[2])[:3]
+    top = data['ftop'][str(f)]
+    assert [t[0] for t in top] == imgs, f
+    for img, score, cells, q in top:
+      _, cell, code = fake.planted(img)
+      assert score == pytest.approx(code) and cells == [cell] and q == [255]
+  assert '4' not in data['ftop']  # never fires: no panel data
+  # concept {0, 1}: the images lighting feature 0 or 1, best first, and their labels
+  assert [t[0] for t in data['ctop']['0']] == [5, 4, 1]
+  assert data['clabels']['0'] == [['dog', 2], ['cat', 1]]
+  assert data['concepts'][0][4] == 'dog'  # a concept's label: its dominant one (searchable)
+  for img, (thumb, label) in data['images'].items():
+    assert thumb == f'thumbs/{img}.jpg' and label == fake.FILES[int(img)].split('/')[0]
+    with Image.open(os.path.join(wd, 'report', thumb)) as im:
+      assert im.size == (patches.THUMB_PX, patches.THUMB_PX)
+  assert_self_contained(path)
+
+
+def test_images_moved_since_the_harvest_give_panels_without_thumbnails(tmp_path):
+  import shutil
+  wd, _ = fake.image_workdir(str(tmp_path))
+  shutil.rmtree(str(tmp_path / 'harvest' / 'images'))
+  data = embedded_data(report_html.write(wd))
+  assert data['ftop'] and all(v[0] is None for v in data['images'].values())
+
+
+def test_compare_report_links_every_method(tmp_path):
+  wd = str(tmp_path / 'cmp')
+  fake.pipeline_workdir(os.path.join(wd, 'csae'))
+  fake.pipeline_workdir(os.path.join(wd, 'matryoshka_cosine'), seed=1)
+  os.remove(os.path.join(wd, 'matryoshka_cosine', 'histories.json'))  # a baseline: no curves
+  results = {'csae': {'family': 'csae', 'level1/variance_explained': 0.91, 'hms/mean': 0.5},
+             'matryoshka_cosine': {'family': 'matryoshka', 'level1/variance_explained': 0.88}}
+  with open(os.path.join(wd, 'compare.json'), 'w') as f:
+    json.dump(results, f)
+  path = report_html.write_compare(wd)
+  assert_self_contained(path)
+  with open(path) as f:
+    text = f.read()
+  assert '<tr data-method="csae"><td>csae</td><td>0.910</td><td>0.500</td></tr>' in text
+  assert '<td>—</td>' in text  # the baseline has no HMS
+  for name in results:
+    assert f'href="{name}/report/index.html"' in text
+  # the baseline's report is written here; CSAE's own run wrote its own (not rewritten)
+  assert os.path.exists(os.path.join(wd, 'matryoshka_cosine', 'report', 'index.html'))
+  assert not os.path.exists(os.path.join(wd, 'csae', 'report', 'index.html'))
+  modes.run(_report_cfg(wd), '')  # the report mode re-renders them all
+  assert os.path.exists(os.path.join(wd, 'csae', 'report', 'index.html'))
