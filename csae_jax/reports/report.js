@@ -11,6 +11,7 @@
   var $ = function (id) { return document.getElementById(id); };
   var st = {q: '', sort: 'size', dir: 'desc', page: 1, open: {}, feature: null};
   var shown = [];  // indices into D.concepts after filtering and sorting
+  var renders = 0;
 
   function esc(s) {
     return String(s).replace(/[&<>"']/g, function (c) {
@@ -174,6 +175,8 @@
     $('next').disabled = st.page >= pages;
     paint(tree);
     writeHash();
+    renders += 1;
+    document.body.setAttribute('data-renders', renders);  // tests wait on it
   }
 
   function rerenderConcept(el) {
