@@ -7,6 +7,7 @@ setup(
     version='0.1.0',
     description='Cascaded sparse autoencoders (multi-level concepts of MLLM activations) in JAX',
     packages=find_packages(include=['csae_jax', 'csae_jax.*', 'experiments', 'experiments.*']),
+    package_data={'csae_jax.reports': ['report.css', 'report.js']},  # inlined into the report
     python_requires='>=3.11',
     install_requires=[
         'jax==0.10.2',
