@@ -19,6 +19,7 @@ import html
 import json
 import math
 import os
+import shutil
 import time
 
 import numpy as np
@@ -32,6 +33,7 @@ TOP_IMAGES = 8       # top-activating images per feature / concept
 # Images a pipeline run scans for its report's top images (one more pass over the activations);
 # the report mode scans as many as its max_images says (0: all).
 PIPELINE_MAX_IMAGES = 5000
+PANEL_PART = 500     # feature / concept ids per panel file (report/data/)
 
 
 def _asset(name: str) -> str:
@@ -109,10 +111,34 @@ def tree_data(export_dir: str, *, tops: patches.TopImages | None = None,
   data = {'concepts': concepts, 'n_features': int(w1.shape[0]),
           'unassigned': [int(u) for u in hier.get('unassigned', [])],
           'alive': len(hier.get('alive', [])), 'page_size': int(page_size)}
-  if tops is not None:
-    data.update(ftop=tops.features, ctop=tops.concepts, flabels=tops.feature_labels,
-                clabels=tops.concept_labels, images=tops.images, grid=list(tops.grid))
+  if tops is not None:  # the panels themselves go to report/data/ (write_panels)
+    data.update(flabel={f: lab[0][0] for f, lab in tops.feature_labels.items() if lab},
+                images=tops.images, grid=list(tops.grid),
+                panels={'part': PANEL_PART, 'f': _parts(tops.features),
+                        'c': _parts(tops.concepts)})
   return data
+
+
+def _parts(top: dict[int, list]) -> list[int]:
+  return sorted({int(i) // PANEL_PART for i in top})
+
+
+def write_panels(report_dir: str, tops: patches.TopImages) -> None:
+  """report/data/{f,c}<part>.js: the top images and labels of PANEL_PART consecutive feature
+  (concept) ids per file, loaded by the page only when one of them is opened. Script files, not
+  JSON: a page opened from file:// may not fetch() beside itself, but it may load a script."""
+  out = os.path.join(report_dir, 'data')
+  if os.path.isdir(out):
+    shutil.rmtree(out)  # parts of an earlier render must not outlive it
+  os.makedirs(out)
+  for kind, top, labels in (('f', tops.features, tops.feature_labels),
+                            ('c', tops.concepts, tops.concept_labels)):
+    for part in _parts(top):
+      obj = {i: [top[i], labels.get(i, [])] for i in sorted(top)
+             if int(i) // PANEL_PART == part}
+      blob = json.dumps(obj, separators=(',', ':')).replace('</', '<\\/')
+      with open(os.path.join(out, f'{kind}{part}.js'), 'w') as f:
+        f.write(f'csaeReportPart("{kind}",{part},{blob});\n')
 
 
 def _tree_section(data: dict) -> str:
@@ -195,10 +221,11 @@ def _captions(workdir: str, limit: int = 200) -> str:
 
 
 def write(workdir: str, *, n_top: int = TOP_IMAGES, max_images: int = 0,
-          page_size: int = PAGE_SIZE, images: bool = True, title: str = '') -> str:
+          page_size: int = PAGE_SIZE, images: bool = True, title: str = '',
+          tops: patches.TopImages | None = None) -> str:
   """report/index.html of a pipeline run (or of any folder holding an export/); returns its
   path. images: top-activating images when the run trained on a harvest (one more pass over
-  its activations; max_images > 0 caps the images scanned)."""
+  its activations; max_images > 0 caps the images scanned); tops: ones computed already."""
   workdir = os.path.abspath(workdir)
   export_dir = os.path.join(workdir, 'export')
   report_dir = os.path.join(workdir, 'report')
@@ -206,11 +233,12 @@ def write(workdir: str, *, n_top: int = TOP_IMAGES, max_images: int = 0,
   hier = ckpt_lib.read_json(_need(os.path.join(export_dir, 'hierarchy.json'),
                                   'the concept tree'))
   harvest = data_path(workdir)
-  tops = None
-  if images and patches.is_harvest(harvest):
+  if tops is None and images and patches.is_harvest(harvest):
     tops = patches.top_images(export_dir, harvest, hier['concepts'], report_dir, n_top=n_top,
                               max_images=max_images)
   data = tree_data(export_dir, tops=tops, page_size=page_size)
+  if tops is not None:
+    write_panels(report_dir, tops)
   curves = os.path.join(export_dir, 'curves.png')
   hist = os.path.join(workdir, 'histories.json')
   if not os.path.exists(curves) and os.path.exists(hist):  # a run from before the curves

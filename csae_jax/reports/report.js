@@ -47,8 +47,7 @@
   }
 
   function featureLabel(f) {
-    var l = D.flabels && D.flabels[f];
-    return l && l.length ? l[0][0] : '';
+    return (D.flabel && D.flabel[f]) || '';
   }
   // A query is an id ("12": concept 12 or a concept holding feature 12; "c12" / "f12": only
   // that kind) or else a substring of a concept's or a member's dominant label.
@@ -126,10 +125,39 @@
     });
   }
 
-  function featurePanel(f) {
+  // Panel data (top images, labels) comes in parts, report/data/{f,c}<part>.js, each loaded by
+  // a script element the first time one of its ids is opened; the concept is rebuilt then.
+  var parts = {}, waiting = {};
+  window.csaeReportPart = function (kind, part, obj) { parts[kind + part] = obj; };
+  function panel(kind, id, conceptId) {
+    if (!D.panels) return false;
+    var part = Math.floor(id / D.panels.part), key = kind + part;
+    if (key in parts) return parts[key][id] || false;
+    if (D.panels[kind].indexOf(part) < 0) return false;
+    if (!(key in waiting)) {
+      waiting[key] = {};
+      var s = document.createElement('script');
+      s.src = 'data/' + key + '.js';
+      s.onload = s.onerror = function () {
+        if (!(key in parts)) parts[key] = {};  // a missing file: panels say so
+        Object.keys(waiting[key]).forEach(function (cid) {
+          var el = tree.querySelector('[data-concept-id="' + cid + '"]');
+          if (el) rerenderConcept(el);
+        });
+      };
+      document.head.appendChild(s);
+    }
+    waiting[key][conceptId] = 1;
+    return null;
+  }
+  function panelHtml(kind, id, conceptId, title) {
+    var p = panel(kind, id, conceptId);
+    if (p === null) return '<div class="panel muted loading">' + esc(title) + ': loading…</div>';
+    return labelsLine(p && p[1]) + tiles(p && p[0], title);
+  }
+  function featurePanel(f, conceptId) {
     return '<div class="feature-panel" data-panel-feature="' + f + '">' +
-        labelsLine(D.flabels && D.flabels[f]) +
-        tiles(D.ftop && D.ftop[f], 'feature ' + f + ': top-activating images') + '</div>';
+        panelHtml('f', f, conceptId, 'feature ' + f + ': top-activating images') + '</div>';
   }
   function conceptBody(c) {
     var html = '<ul class="members">';
@@ -143,11 +171,10 @@
     });
     html += '</ul>';
     if (st.feature !== null && c[1].indexOf(parseInt(st.feature, 10)) >= 0) {
-      html += featurePanel(st.feature);
+      html += featurePanel(st.feature, c[0]);
     }
-    if (st.open[c[0]] && D.ctop) {
-      html += labelsLine(D.clabels && D.clabels[c[0]]) +
-          tiles(D.ctop[c[0]], 'concept ' + c[0] + ': top-activating images');
+    if (st.open[c[0]] && D.panels) {
+      html += panelHtml('c', c[0], c[0], 'concept ' + c[0] + ': top-activating images');
     }
     return html;
   }
@@ -192,7 +219,7 @@
     if (!el.matches || !el.matches('details.concept')) return;
     var id = el.getAttribute('data-concept-id');
     if (el.open) st.open[id] = 1; else delete st.open[id];
-    if (el.open && D.ctop) rerenderConcept(el);  // the image panel is built on first open
+    if (el.open && D.panels) rerenderConcept(el);  // the image panel is built on first open
     writeHash();
   }, true);
   tree.addEventListener('click', function (e) {
@@ -222,12 +249,15 @@
     });
     render();
   });
-  $('collapse').addEventListener('click', function () { st.open = {}; st.feature = null; render(); });
+  $('collapse').addEventListener('click', function () {
+    st.open = {}; st.feature = null; render();
+  });
 
   readHash();
   $('q').value = st.q;
   $('sort').value = st.sort + ':' + st.dir;
   compute();
   render();
+  document.body.setAttribute('data-ready-ms', Math.round(performance.now()));  // time to tree
   document.body.setAttribute('data-ready', '1');  // the browser test waits for this
 })();

@@ -36,7 +36,8 @@ class Page:
             '--disable-dev-shm-usage', '--no-first-run', '--remote-debugging-pipe',
             f'--user-data-dir={self._profile.name}', 'about:blank']
     self._proc = subprocess.Popen(
-        ['/bin/bash', '-c', f'exec "$@" 3<&{cmd_r} 4>&{out_w} {cmd_r}<&- {out_w}>&-', 'bash', *args],
+        ['/bin/bash', '-c', f'exec "$@" 3<&{cmd_r} 4>&{out_w} {cmd_r}<&- {out_w}>&-', 'bash',
+         *args],
         pass_fds=(cmd_r, out_w), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     os.close(cmd_r)
     os.close(out_w)
@@ -81,7 +82,8 @@ class Page:
       const t0 = performance.now();
       const poll = () => {{ let v; try {{ v = ({condition}); }} catch (e) {{}}
         if (v) ok(v); else if (performance.now() - t0 > {timeout_ms}) fail(new Error(
-          'timed out waiting for ' + {json.dumps(condition)})); else requestAnimationFrame(poll); }};
+          'timed out waiting for ' + {json.dumps(condition)}));
+        else requestAnimationFrame(poll); }};
       poll(); }})''')
 
   def open(self, url: str, size: tuple[int, int] = (1280, 1800)) -> None:

@@ -25,6 +25,17 @@ def embedded_data(path: str) -> dict:
   return json.loads(m.group(1).replace('<\\/', '</'))
 
 
+def panels(report_dir: str) -> dict:
+  """{'f': {id: [top, labels]}, 'c': {...}} merged from report/data/*.js."""
+  out = {'f': {}, 'c': {}}
+  for name in sorted(os.listdir(os.path.join(report_dir, 'data'))):
+    with open(os.path.join(report_dir, 'data', name)) as f:
+      m = re.fullmatch(r'csaeReportPart\("([fc])",(\d+),(.*)\);\n', f.read(), re.S)
+    assert name == f'{m.group(1)}{m.group(2)}.js'
+    out[m.group(1)].update(json.loads(m.group(3)))
+  return out
+
+
 def assert_self_contained(path: str) -> None:
   with open(path) as f:
     text = f.read()
@@ -57,7 +68,8 @@ def test_pipeline_report_is_self_contained_and_holds_the_hierarchy(tmp_path):
   assert [c[1] for c in data['concepts']] == [c['members'] for c in hier['concepts']]
   assert [c[2] for c in data['concepts']] == [[round(w, 3) for w in c['weights']]
                                               for c in hier['concepts']]
-  assert data['unassigned'] == hier['unassigned'] and 'ftop' not in data  # no harvest
+  assert data['unassigned'] == hier['unassigned'] and 'panels' not in data  # no harvest
+  assert not os.path.exists(os.path.join(wd, 'report', 'data'))
   w1 = np.load(os.path.join(wd, 'export', 'level1_decoder.npy'))
   for c in data['concepts']:
     rows = w1[c[1]]
@@ -118,19 +130,22 @@ def test_top_images_and_heat_maps_are_the_planted_ones(tmp_path):
   path = report_html.write(wd, n_top=3)
   data = embedded_data(path)
   assert data['grid'] == list(fake.GRID)
+  p = panels(os.path.dirname(path))
+  assert data['panels'] == {'part': report_html.PANEL_PART, 'f': [0], 'c': [0]}
   for f in range(4):
     imgs = sorted((i for i in range(fake.N_IMAGES) if fake.planted(i)[0] == f),
                   key=lambda i: -fake.planted(i)[2])[:3]
-    top = data['ftop'][str(f)]
+    top = p['f'][str(f)][0]
     assert [t[0] for t in top] == imgs, f
     for img, score, cells, q in top:
       _, cell, code = fake.planted(img)
       assert score == pytest.approx(code) and cells == [cell] and q == [255]
-  assert '4' not in data['ftop']  # never fires: no panel data
+  assert '4' not in p['f']  # never fires: no panel data
   # concept {0, 1}: the images lighting feature 0 or 1, best first, and their labels
-  assert [t[0] for t in data['ctop']['0']] == [5, 4, 1]
-  assert data['clabels']['0'] == [['dog', 2], ['cat', 1]]
+  assert [t[0] for t in p['c']['0'][0]] == [5, 4, 1]
+  assert p['c']['0'][1] == [['dog', 2], ['cat', 1]]
   assert data['concepts'][0][4] == 'dog'  # a concept's label: its dominant one (searchable)
+  assert data['flabel'] == {str(f): p['f'][str(f)][1][0][0] for f in p['f']}
   for img, (thumb, label) in data['images'].items():
     assert thumb == f'thumbs/{img}.jpg' and label == fake.FILES[int(img)].split('/')[0]
     with Image.open(os.path.join(wd, 'report', thumb)) as im:
@@ -143,7 +158,7 @@ def test_images_moved_since_the_harvest_give_panels_without_thumbnails(tmp_path)
   wd, _ = fake.image_workdir(str(tmp_path))
   shutil.rmtree(str(tmp_path / 'harvest' / 'images'))
   data = embedded_data(report_html.write(wd))
-  assert data['ftop'] and all(v[0] is None for v in data['images'].values())
+  assert data['panels']['f'] and all(v[0] is None for v in data['images'].values())
 
 
 def test_compare_report_links_every_method(tmp_path):

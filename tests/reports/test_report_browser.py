@@ -56,7 +56,8 @@ def _search(page, text):
   """Types `text` into the search box; the tree once the page re-rendered (it debounces)."""
   before = page.js('+document.body.dataset.renders')
   page.js(f'''(() => {{ const q = document.getElementById('q'); q.focus();
-      q.value = {json.dumps(text)}; q.dispatchEvent(new Event('input', {{bubbles: true}})); }})()''')
+      q.value = {json.dumps(text)};
+      q.dispatchEvent(new Event('input', {{bubbles: true}})); }})()''')
   page.wait_for(f'+document.body.dataset.renders > {before}')
   return page.js(TREE)
 
