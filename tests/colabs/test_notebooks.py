@@ -39,8 +39,9 @@ def _text(nb) -> str:
 
 def test_quickstart_runs_and_shows_curves_and_report(tmp_path):
   wd = str(tmp_path / 'wd')
+  # one CPU device in the kernel (as in a CPU Colab), not the suite's 8 fake ones
   nb = _execute('01_quickstart.ipynb', tmp_path, CSAE_QUICKSTART_STEPS='60',
-                CSAE_QUICKSTART_WORKDIR=wd)
+                CSAE_QUICKSTART_WORKDIR=wd, XLA_FLAGS='', JAX_PLATFORMS='cpu')
   text = _text(nb)
   assert 'synthetic/parent_ari' in text and 'concepts over' in text
   assert text.count('image/png') >= 2  # curves and density, displayed
