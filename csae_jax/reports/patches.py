@@ -53,22 +53,30 @@ def _encoder(export_dir: str):
                      f'each feature\'s top images; re-run the pipeline (or its export)')
   params, thr, arch, k = export.load_sae(path)
   params = {n: jnp.asarray(v, jnp.float32) for n, v in params.items()}
-  fn = jax.jit(lambda x: recon.encode(params, x, jnp.float32(thr), arch=arch, k=k))
-  return fn, int(params['w_dec'].shape[0])
+  return (lambda x: recon.encode(params, x, jnp.float32(thr), arch=arch, k=k)), int(
+      params['w_dec'].shape[0])
 
 
-def _image_batches(image_id_r: np.ndarray, max_rows: int, max_images: int):
-  """Row ranges [lo, hi) of whole images (rows of one image are contiguous in a harvest)."""
-  starts = np.flatnonzero(np.r_[True, image_id_r[1:] != image_id_r[:-1]])
-  ends = np.r_[starts[1:], len(image_id_r)]
-  if max_images:
-    starts, ends = starts[:max_images], ends[:max_images]
+def image_ranges(image_id_r: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray,
+                                                              np.ndarray]:
+  """(image ids, first row, end row): a harvest writes each image's rows together, in order."""
+  if len(image_id_r) and np.any(np.diff(image_id_r) < 0):
+    raise ValueError(f'{where}: image_id is not in ascending row order, so an image\'s rows are '
+                     f'not contiguous (not a harvest_store index?); re-run the harvest')
+  starts = np.flatnonzero(np.r_[True, image_id_r[1:] != image_id_r[:-1]]) if len(
+      image_id_r) else np.zeros(0, np.int64)
+  ends = np.r_[starts[1:], len(image_id_r)].astype(np.int64)
+  return image_id_r[starts], starts, ends
+
+
+def _batches(starts, ends, max_rows: int):
+  """Index ranges [i, j) of consecutive images holding at most max_rows rows (at least one)."""
   i = 0
   while i < len(starts):
     j = i + 1
     while j < len(starts) and ends[j] - starts[i] <= max_rows:
       j += 1
-    yield starts[i:j], ends[i:j]
+    yield i, j
     i = j
 
 
@@ -80,11 +88,29 @@ def _merge_top(best_s, best_i, scores_bn, ids_b, n):
   return np.take_along_axis(s, keep, 1), np.take_along_axis(i, keep, 1)
 
 
-def _concept_codes(codes_rn, order, starts):
-  """Per-patch concept codes: the sum of each concept's members' codes."""
-  if not len(starts):
-    return np.zeros((len(codes_rn), 0), np.float32)
-  return np.add.reduceat(codes_rn[:, order], starts, axis=1)
+def _image_max_fn(encode, member_m, concept_m, n2: int, n_seg: int):
+  """jit: rows [R, d] with their image slot [R] -> (per-slot max code of every feature
+  [n_seg, n1], of every concept [n_seg, n2]); a concept's code on a row is the sum of its
+  members' codes. Reduced on the device: only [n_seg, n1 + n2] comes back. Padding rows carry
+  slot n_seg, which the segment ops drop."""
+  member_m, concept_m = jnp.asarray(member_m), jnp.asarray(concept_m)
+
+  @jax.jit
+  def fn(x_rd, slot_r):
+    codes = encode(x_rd)
+    fmax = jax.ops.segment_max(codes, slot_r, num_segments=n_seg)
+    if not n2:
+      return fmax, jnp.zeros((n_seg, 0), codes.dtype)
+    cc = jax.ops.segment_sum(codes[:, member_m].T, concept_m, num_segments=n2).T
+    return fmax, jax.ops.segment_max(cc, slot_r, num_segments=n_seg)
+  return fn
+
+
+def _padded(rows, lo: int, hi: int, slot_r: np.ndarray, n_rows: int, n_seg: int):
+  x = rows.source.read_rows(np.arange(lo, hi))
+  pad = n_rows - len(x)  # one shape for every batch: one compilation
+  return (jnp.asarray(np.pad(x, ((0, pad), (0, 0)))),
+          jnp.asarray(np.pad(slot_r, (0, pad), constant_values=n_seg), jnp.int32))
 
 
 def _heat(codes_r, cells_r):
@@ -112,35 +138,59 @@ def top_images(export_dir: str, harvest_dir: str, concepts: list[dict], report_d
   if rows.d != encode_d(export_dir):
     raise ValueError(f'{harvest_dir} holds d={rows.d} activations but {export_dir} was trained '
                      f'on d={encode_d(export_dir)}; point the report at the harvest of that run')
-  order = np.array([m for c in concepts for m in c['members']], np.int64)
-  sizes = np.array([len(c['members']) for c in concepts], np.int64)
-  starts = np.r_[0, np.cumsum(sizes)[:-1]] if len(sizes) else np.zeros(0, np.int64)
+  img_i, start_i, end_i = image_ranges(rows.image_id_r, os.path.join(harvest_dir, 'index.npz'))
+  if max_images:
+    img_i, start_i, end_i = img_i[:max_images], start_i[:max_images], end_i[:max_images]
+  batch_rows = max(batch_rows, int((end_i - start_i).max(initial=1)))
+  members = [np.asarray(c['members'], np.int64) for c in concepts]
+  member_m = np.concatenate(members) if members else np.zeros(0, np.int64)
+  concept_m = np.repeat(np.arange(len(concepts)), [len(m) for m in members])
   n2 = len(concepts)
+  n_seg = min(batch_rows, len(img_i)) or 1  # images per batch at most (one row each)
+  image_max = _image_max_fn(encode, member_m, concept_m, n2, n_seg)
   fs, fi = np.full((n1, 0), -np.inf, np.float32), np.zeros((n1, 0), np.int64)
   cs, ci = np.full((n2, 0), -np.inf, np.float32), np.zeros((n2, 0), np.int64)
   # pass 1: the top images of every feature and concept
-  for st, en in _image_batches(rows.image_id_r, batch_rows, max_images):
-    ids = np.arange(st[0], en[-1])
-    codes = np.asarray(encode(jnp.asarray(rows.source.read_rows(ids))))
-    cc = _concept_codes(codes, order, starts)
-    seg = st - st[0]
-    fs, fi = _merge_top(fs, fi, np.maximum.reduceat(codes, seg, axis=0),
-                        rows.image_id_r[st], n_top)
+  for i, j in _batches(start_i, end_i, batch_rows):
+    lo, hi = start_i[i], end_i[j - 1]
+    slot_r = np.repeat(np.arange(j - i), end_i[i:j] - start_i[i:j])
+    fmax, cmax = map(np.asarray, image_max(*_padded(rows, lo, hi, slot_r, batch_rows, n_seg)))
+    fs, fi = _merge_top(fs, fi, fmax[:j - i], img_i[i:j], n_top)
     if n2:
-      cs, ci = _merge_top(cs, ci, np.maximum.reduceat(cc, seg, axis=0),
-                          rows.image_id_r[st], n_top)
-  # pass 2: heat maps of the images that made a top list (only where the code is positive)
-  want = collections.defaultdict(list)  # image -> [(kind, id, score)]
+      cs, ci = _merge_top(cs, ci, cmax[:j - i], img_i[i:j], n_top)
+  # pass 2: heat maps of the images that made a top list (only where the code is positive);
+  # per batch of those images, only the code columns their lists need come back to the host
+  want = collections.defaultdict(list)  # image -> [(kind, feature or concept index)]
   for kind, s_, i_ in (('f', fs, fi), ('c', cs, ci)):
     for j, k in zip(*np.nonzero(s_ > 0)):
-      want[int(i_[j, k])].append((kind, int(j), float(s_[j, k])))
+      want[int(i_[j, k])].append((kind, int(j)))
+  where = {int(im): n for n, im in enumerate(img_i)}
+  todo = sorted(want)
+  t_start = np.array([start_i[where[im]] for im in todo], np.int64)
+  t_end = np.array([end_i[where[im]] for im in todo], np.int64)
+  encode_jit = jax.jit(encode)
   heat = {}
-  for img in sorted(want):
-    r = np.flatnonzero(rows.image_id_r == img)
-    codes = np.asarray(encode(jnp.asarray(rows.source.read_rows(r))))
-    cc = _concept_codes(codes, order, starts)
-    for kind, j, _ in want[img]:
-      heat[kind, j, img] = _heat((codes if kind == 'f' else cc)[:, j], cell_r[r])
+  for i, j in _batches(t_start, t_end, batch_rows):
+    r = np.concatenate([np.arange(a, b) for a, b in zip(t_start[i:j], t_end[i:j])])
+    cols = sorted({f for im in todo[i:j] for kind, f in want[im] if kind == 'f'} |
+                  {int(m) for im in todo[i:j] for kind, c in want[im] if kind == 'c'
+                   for m in members[c]})
+    x = rows.source.read_rows(r)
+    codes = encode_jit(jnp.asarray(np.pad(x, ((0, batch_rows - len(x)), (0, 0)))))
+    # index lists padded to a power of two: a handful of gather shapes, not one per batch
+    pad_cols = cols + [0] * ((1 << max(len(cols) - 1, 0).bit_length()) - len(cols))
+    sub = np.asarray(codes[:len(r)][:, np.asarray(pad_cols)])[:, :len(cols)]
+    col_of = {f: n for n, f in enumerate(cols)}
+    off = 0
+    for im, a, b in zip(todo[i:j], t_start[i:j], t_end[i:j]):
+      rr = slice(off, off + b - a)
+      for kind, k in want[im]:
+        if kind == 'f':
+          code_r = sub[rr, col_of[k]]
+        else:
+          code_r = sub[rr][:, [col_of[int(m)] for m in members[k]]].sum(1)
+        heat[kind, k, im] = _heat(code_r, cell_r[a:b])
+      off += b - a
   labels = {int(i): v.get('label') for i, v in rows.images.items()}
 
   def lists(s_, i_, kind):

@@ -183,3 +183,42 @@ def test_compare_report_links_every_method(tmp_path):
   assert not os.path.exists(os.path.join(wd, 'csae', 'report', 'index.html'))
   modes.run(_report_cfg(wd), '')  # the report mode re-renders them all
   assert os.path.exists(os.path.join(wd, 'csae', 'report', 'index.html'))
+
+
+def test_image_ranges_need_each_images_rows_together():
+  ids, lo, hi = patches.image_ranges(np.array([0, 0, 1, 1, 1, 3]), 'index.npz')
+  assert ids.tolist() == [0, 1, 3] and lo.tolist() == [0, 2, 5] and hi.tolist() == [2, 5, 6]
+  with pytest.raises(ValueError, match=r'index\.npz: image_id is not in ascending row order'):
+    patches.image_ranges(np.array([0, 1, 0]), 'index.npz')
+
+
+def test_top_images_of_a_larger_harvest_match_a_brute_force_scan(tmp_path):
+  """Several batches (batch_rows smaller than the harvest), random codes: the streamed, device-
+  reduced top lists equal a plain numpy scan over every row."""
+  rng = np.random.default_rng(0)
+  n_img, per, d = 40, 6, 8
+  site, _ = fake.harvest_folder(str(tmp_path / 'h'))
+  x = rng.standard_normal((n_img * per, d)).astype(np.float32)
+  np.save(os.path.join(site, 'shard_00000.npy'), x)
+  cells = np.tile(np.arange(per), n_img)
+  np.savez(os.path.join(site, 'index.npz'), image_id=np.repeat(np.arange(n_img), per),
+           token_index=cells, row=cells // 3, col=cells % 3)
+  sae = fake.identity_sae(d)
+  sae['k'] = 3
+  wd = str(tmp_path / 'wd')
+  concepts = [{'id': 0, 'members': [0, 5], 'weights': [1, 1]},
+              {'id': 1, 'members': [2], 'weights': [1]}]
+  fake.pipeline_workdir(wd, n1=d, n_concepts=1, d=d, data_path=site,
+                        w_dec_nd=np.eye(d, dtype=np.float32), sae=sae)
+  tops = patches.top_images(os.path.join(wd, 'export'), site, concepts, str(tmp_path / 'r'),
+                            n_top=4, batch_rows=50)
+  codes = np.maximum(x, 0) * (np.argsort(np.argsort(-np.maximum(x, 0), 1), 1) < 3)  # TopK 3
+  per_img = codes.reshape(n_img, per, d)
+  for f in range(d):
+    want = np.argsort(-per_img[:, :, f].max(1), kind='stable')[:4]
+    assert [t[0] for t in tops.features[f]] == want.tolist(), f
+    img = want[0]
+    lit = np.flatnonzero(per_img[img, :, f] > 0)
+    assert tops.features[f][0][2] == lit.tolist()
+  cc = per_img[:, :, [0, 5]].sum(-1)
+  assert [t[0] for t in tops.concepts[0]] == np.argsort(-cc.max(1), kind='stable')[:4].tolist()
