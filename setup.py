@@ -32,6 +32,7 @@ setup(
     ],
     extras_require={
         # torch is a test-time numerical reference only; pinned to the CPU wheel on local disk.
-        'test': ['pytest', 'pytest-xdist', 'torch==2.13.0'],
+        # nbclient, nbformat, ipykernel: the suite executes the notebooks in colabs/.
+        'test': ['pytest', 'pytest-xdist', 'torch==2.13.0', 'nbclient', 'nbformat', 'ipykernel'],
     },
 )

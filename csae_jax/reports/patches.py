@@ -15,11 +15,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from tqdm.auto import tqdm
 
 from csae_jax import checkpoint as ckpt_lib
 from csae_jax import export
@@ -113,6 +115,11 @@ def _padded(rows, lo: int, hi: int, slot_r: np.ndarray, n_rows: int, n_seg: int)
           jnp.asarray(np.pad(slot_r, (0, pad), constant_values=n_seg), jnp.int32))
 
 
+def _bar(total: int, desc: str):
+  return tqdm(total=total, desc=desc, unit='img', file=sys.stderr, dynamic_ncols=True,
+              mininterval=1.0, disable=total < 1000)  # a bar only where it is worth one
+
+
 def _heat(codes_r, cells_r):
   on = np.flatnonzero(codes_r > 0)
   top = float(codes_r[on].max()) if on.size else 1.0
@@ -151,7 +158,9 @@ def top_images(export_dir: str, harvest_dir: str, concepts: list[dict], report_d
   fs, fi = np.full((n1, 0), -np.inf, np.float32), np.zeros((n1, 0), np.int64)
   cs, ci = np.full((n2, 0), -np.inf, np.float32), np.zeros((n2, 0), np.int64)
   # pass 1: the top images of every feature and concept
+  bar = _bar(len(img_i), 'report: top images')
   for i, j in _batches(start_i, end_i, batch_rows):
+    bar.update(j - i)
     lo, hi = start_i[i], end_i[j - 1]
     slot_r = np.repeat(np.arange(j - i), end_i[i:j] - start_i[i:j])
     fmax, cmax = map(np.asarray, image_max(*_padded(rows, lo, hi, slot_r, batch_rows, n_seg)))
@@ -170,7 +179,10 @@ def top_images(export_dir: str, harvest_dir: str, concepts: list[dict], report_d
   t_end = np.array([end_i[where[im]] for im in todo], np.int64)
   encode_jit = jax.jit(encode)
   heat = {}
+  bar.close()
+  bar = _bar(len(todo), 'report: heat maps')
   for i, j in _batches(t_start, t_end, batch_rows):
+    bar.update(j - i)
     r = np.concatenate([np.arange(a, b) for a, b in zip(t_start[i:j], t_end[i:j])])
     cols = sorted({f for im in todo[i:j] for kind, f in want[im] if kind == 'f'} |
                   {int(m) for im in todo[i:j] for kind, c in want[im] if kind == 'c'
@@ -191,6 +203,7 @@ def top_images(export_dir: str, harvest_dir: str, concepts: list[dict], report_d
           code_r = sub[rr][:, [col_of[int(m)] for m in members[k]]].sum(1)
         heat[kind, k, im] = _heat(code_r, cell_r[a:b])
       off += b - a
+  bar.close()
   labels = {int(i): v.get('label') for i, v in rows.images.items()}
 
   def lists(s_, i_, kind):
