@@ -47,3 +47,15 @@ def test_quickstart_runs_and_shows_curves_and_report(tmp_path):
   assert text.count('image/png') >= 2  # curves and density, displayed
   assert 'srcdoc=' in text and 'data-concept-id' in text  # the report, inline
   assert os.path.exists(os.path.join(wd, 'report', 'index.html'))
+
+
+def test_hierarchy_and_compare_runs_and_shows_table_and_reports(tmp_path):
+  wd = str(tmp_path / 'wd')
+  nb = _execute('03_hierarchy_and_compare.ipynb', tmp_path, CSAE_COMPARE_STEPS='60',
+                CSAE_COMPARE_WORKDIR=wd, XLA_FLAGS='', JAX_PLATFORMS='cpu')
+  text = _text(nb)
+  for method in ('csae', 'kmeans', 'oracle'):
+    assert f'| {method} |' in text, method  # the comparison table, displayed
+  assert 'coherence' in text and 'members' in text
+  assert text.count('srcdoc=') >= 2  # the comparison's report and CSAE's, inline
+  assert os.path.exists(os.path.join(wd, 'csae', 'report', 'index.html'))
