@@ -222,3 +222,20 @@ def test_top_images_of_a_larger_harvest_match_a_brute_force_scan(tmp_path):
     assert tops.features[f][0][2] == lit.tolist()
   cc = per_img[:, :, [0, 5]].sum(-1)
   assert [t[0] for t in tops.concepts[0]] == np.argsort(-cc.max(1), kind='stable')[:4].tolist()
+
+
+def test_steering_captions_are_shown_escaped(tmp_path):
+  wd = str(tmp_path / 'wd')
+  fake.pipeline_workdir(wd)
+  os.makedirs(os.path.join(wd, 'steer'))
+  rows = [{'image': 3, 'arm': 'concept', 'concept': 1, 'sign': 1, 'value': 2.5,
+           'mode': 'clamp', 'tokens': [1, 2], 'text': 'a cat <script>x</script> on grass'},
+          {'image': 3, 'arm': 'none', 'concept': 1, 'sign': 0, 'value': 0.0, 'mode': 'clamp',
+           'tokens': [1], 'text': 'a dog'}]
+  with open(os.path.join(wd, 'steer', 'captions.jsonl'), 'w') as f:
+    f.write('\n'.join(json.dumps(r) for r in rows) + '\n')
+  with open(report_html.write(wd)) as f:
+    page = f.read()
+  assert 'id="steering"' in page and '2 captions' in page
+  assert '<td>a cat &lt;script&gt;x&lt;/script&gt; on grass</td>' in page
+  assert '<th>arm</th>' in page and '<th>tokens</th>' not in page
