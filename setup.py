@@ -7,6 +7,7 @@ setup(
     version='0.1.0',
     description='Cascaded sparse autoencoders (multi-level concepts of MLLM activations) in JAX',
     packages=find_packages(include=['csae_jax', 'csae_jax.*', 'experiments', 'experiments.*']),
+    package_data={'csae_jax.reports': ['report.css', 'report.js']},  # inlined into the report
     python_requires='>=3.11',
     install_requires=[
         'jax==0.10.2',
@@ -31,6 +32,7 @@ setup(
     ],
     extras_require={
         # torch is a test-time numerical reference only; pinned to the CPU wheel on local disk.
-        'test': ['pytest', 'pytest-xdist', 'torch==2.13.0'],
+        # nbclient, nbformat, ipykernel: the suite executes the notebooks in colabs/.
+        'test': ['pytest', 'pytest-xdist', 'torch==2.13.0', 'nbclient', 'nbformat', 'ipykernel'],
     },
 )

@@ -682,3 +682,27 @@ def steer_synthetic_from_config_dict(cd: Any) -> SteerSyntheticConfig:
     _one_of('arms', a.strip(), STEER_ARMS)
   compare_seeds(CompareConfig(seeds=cfg.seeds))  # parses, or names the key
   return cfg
+
+
+# ---- report (experiments/configs/report.py) -----------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ReportConfig:
+  """stage='report': re-render <workdir_in>/report/index.html of a finished run, no training."""
+  stage: str = 'report'
+  workdir_in: str = ''             # the --workdir of a finished pipeline or compare run
+  top_images: int = 8              # harvested data: top-activating images per feature / concept
+  max_images: int = 0              # harvested data: images scanned for them; 0 = all
+  page_size: int = 100             # concepts built as DOM at a time
+  images: bool = True              # False: no image panels (skips the pass over the harvest)
+
+
+def report_from_config_dict(cd: Any) -> ReportConfig:
+  cfg = _build(ReportConfig, cd, '')
+  if not cfg.workdir_in:
+    raise ValueError("config key 'workdir_in' is required for the report; set "
+                     "--config.workdir_in=WD (the --workdir of a finished run)")
+  _positive('top_images', cfg.top_images)
+  _positive('page_size', cfg.page_size)
+  _positive('max_images', cfg.max_images, allow_zero=True)
+  return cfg

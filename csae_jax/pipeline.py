@@ -30,6 +30,7 @@ from csae_jax.cascade import staged
 from csae_jax.evals import stability as stability_lib
 from csae_jax.evals import structure
 from csae_jax.evals import synthetic as synthetic_eval
+from csae_jax.reports import html as report_html
 from csae_jax.reports import plots
 
 CSAE_MODES = ('staged', 'joint')
@@ -110,6 +111,9 @@ def _write(cfg, workdir, source, l1, l2, hier, metrics, histories) -> None:
     plots.density_histogram(l1.ev['density_n'],
                             os.path.join(workdir, 'export', 'level1_density.png'),
                             title=f'level-1 feature density ({l1.ev["n_rows"]} held-out inputs)')
+    # <workdir>/report/index.html; on a harvest its top images come from the first images only
+    # (the report mode re-renders with --config.max_images=0 for all of them)
+    report_html.write(workdir, max_images=report_html.PIPELINE_MAX_IMAGES)
 
 
 def stability(cfg: config_lib.Config, mesh, workdir: str, result: Result, *, hooks=()) -> dict:

@@ -32,6 +32,9 @@ def summary(metrics: dict, workdir: str) -> str:
     from csae_jax import sweep  # pylint: disable=g-import-not-at-top
     return (f'sweep of {metrics["sweep/n"]} level-1 SAEs done: {workdir}/sweep '
             f'(results.json, results.md, pareto.png)\n\n' + sweep.table(metrics['sweep/results']))
+  if metrics['mode'] == 'report':
+    return (f'report written: {metrics["report"]} ({metrics["bytes"] / 1e6:.2f} MB, '
+            f'{metrics["wall_s"]} s); open it in a browser (file://{metrics["report"]})')
   if metrics['mode'] == 'compare':
     return (f'comparison of {len(metrics["compare/methods"])} methods done: {workdir} '
             f'(compare.json, compare.md, compare_hms.png, compare_recon.png, <method>/export/)'
@@ -128,6 +131,8 @@ def main(argv):
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
   print(summary(metrics, os.path.abspath(workdir)))
+  if metrics['mode'] in ('staged', 'joint', 'compare'):
+    print(f'\nreport: file://{os.path.abspath(workdir)}/report/index.html')
 
 
 def harvest_summary(result: dict) -> str:

@@ -63,6 +63,12 @@ def test_every_method_is_exported_and_scored(compared):
   assert all(f'| {m} |' in md for m in METHODS)
   assert os.path.getsize(os.path.join(wd, 'compare_hms.png')) > 5000
   assert os.path.getsize(os.path.join(wd, 'compare_recon.png')) > 5000
+  # the run report: the comparison table and a report per method (csae's from its pipeline)
+  with open(os.path.join(wd, 'report', 'index.html')) as f:
+    page = f.read()
+  for m in METHODS:
+    assert f'<tr data-method="{m}">' in page and f'href="{m}/report/index.html"' in page, m
+    assert os.path.exists(os.path.join(wd, m, 'report', 'index.html')), m
 
 
 def test_scoring_is_a_function_of_the_export(compared):

@@ -21,6 +21,7 @@ from csae_jax import stages
 from csae_jax.compare import methods as methods_lib
 from csae_jax.compare import report, score
 from csae_jax.evals import embeddings as embeddings_lib
+from csae_jax.reports import html as report_html
 
 FAMILY_ORDER = config_lib.COMPARE_FAMILIES
 
@@ -103,6 +104,7 @@ def run(cfg: config_lib.Config, source, mesh, workdir: str,
   header = (f'# CSAE vs baselines, mean +- std over seeds {seeds}\n\nPer seed: '
             + ', '.join(f'seed_{s}/compare.md' for s in seeds) + '.')
   report.write_seeds(workdir, per_seed, mean, std, header)
+  report_html.write_compare(workdir)  # <workdir>/report/index.html, linking each seed's
   return {'mode': 'compare', 'compare/methods': list(mean), 'compare/results': mean,
           'compare/std': std, 'compare/table': report.table(mean, std),
           'wall_s': round(time.perf_counter() - t0, 2)}
@@ -129,6 +131,7 @@ def run_one(cfg: config_lib.Config, source, mesh, workdir: str,
             f'{cfg.train.batch_size}; {len(es.x_nd)} held-out rows; HMS null: '
             f'{cfg.compare.n_perm} size-matched random partitions.')
   report.write(workdir, results, per_concept, header)
+  report_html.write_compare(workdir)  # <workdir>/report/index.html and one per method
   return {'mode': 'compare', 'compare/methods': list(results), 'compare/results': results,
           'compare/table': report.table(results),
           'wall_s': round(time.perf_counter() - t0, 2)}

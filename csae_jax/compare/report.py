@@ -37,7 +37,7 @@ COLUMNS = (
 )
 
 
-def _fmt(v, fmt: str) -> str:
+def format_value(v, fmt: str) -> str:
   if v is None:
     return '—'
   if isinstance(v, bool) or not fmt:
@@ -55,7 +55,7 @@ def table(results: dict[str, dict], std: dict[str, dict] | None = None) -> str:
   for name, r in results.items():
     cells = []
     for k, _, f in cols:
-      cell = _fmt(r.get(k), f)
+      cell = format_value(r.get(k), f)
       sd = (std or {}).get(name, {}).get(k)
       if sd is not None and f not in ('', 'd'):
         cell += f' ± {format(sd, f)}'

@@ -10,7 +10,8 @@ import numpy as np
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402  (after the headless backend is chosen)
 
-PANELS = (('fvu', 'FVU (1 - variance explained)', True), ('l0', 'L0 (active latents)', False),
+PANELS = (('loss', 'training loss (level 1, level 2)', True),
+          ('fvu', 'FVU (1 - variance explained)', True), ('l0', 'L0 (active latents)', False),
           ('dead_frac', 'dead fraction', False), ('dense_frac', 'dense fraction', False),
           ('aux', 'AuxK loss', True))
 
