@@ -31,6 +31,7 @@ setup(
     ],
     extras_require={
         # torch is a test-time numerical reference only; pinned to the CPU wheel on local disk.
-        'test': ['pytest', 'pytest-xdist', 'torch==2.13.0'],
+        # scikit-image: real photographs (skimage.data) that ship offline, for harvest parity.
+        'test': ['pytest', 'pytest-xdist', 'torch==2.13.0', 'scikit-image'],
     },
 )

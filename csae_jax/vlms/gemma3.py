@@ -181,6 +181,17 @@ class Gemma3(nnx.Module):
                        f'vision/projector, text/embed, text/layer_0..'
                        f'{self.cfg.text.num_hidden_layers - 1}, text/final_norm, logits')
 
+  def _check_grid(self, pixel_values, grid_thw) -> None:
+    """grid_thw is optional (one fixed grid per image); when given (the common port interface
+    of `registry.preprocessor`), it must be that grid."""
+    if grid_thw is None or pixel_values is None:
+      return
+    side = self.cfg.vision.side
+    grid = np.asarray(grid_thw).reshape(-1, 3)
+    if len(grid) != np.shape(pixel_values)[0] or np.any(grid != (1, side, side)):
+      raise ValueError(f'grid_thw {grid.tolist()}: Gemma-3 takes one (1, {side}, {side}) patch '
+                       'grid per image (pass None or the preprocessor\'s grid)')
+
   def _check(self, input_ids, pixel_values):
     """Host-side validation; (ids int32 [B, S], image token flat indices, block ids)."""
     ids = np.asarray(input_ids)
@@ -204,27 +215,30 @@ class Gemma3(nnx.Module):
 
   # -- public API ------------------------------------------------------------------------------
 
-  def forward(self, input_ids, pixel_values=None, *, edits: Optional[Edits] = None,
+  def forward(self, input_ids, pixel_values=None, grid_thw=None, *,
+              edits: Optional[Edits] = None,
               sites: Optional[Collection[str]] = None) -> dict[str, jax.Array]:
     """Named intermediates of one forward (all when sites is None); edits applied where a site
     is produced. input_ids [B, S] with the image placeholders expanded; pixel_values
     [n_images, 3, S, S] (images in sequence order). Vision sites are [n_images, N, D]."""
     self._check_names(edits, sites)
+    self._check_grid(pixel_values, grid_thw)
     ids, idx, blocks = self._check(input_ids, pixel_values)
     e, leaves, s = edits_lib.jit_args(edits, sites)
     graphdef, state = nnx.split(self)
     return _forward(graphdef, state, ids, pixel_values, idx, blocks, leaves, edits=e, sites=s)
 
-  def vision_forward(self, pixel_values, *, edits: Optional[Edits] = None,
+  def vision_forward(self, pixel_values, grid_thw=None, *, edits: Optional[Edits] = None,
                      sites: Optional[Collection[str]] = None) -> dict[str, jax.Array]:
     """Vision sites only (tower + projector), no text: what harvesting vision sites runs."""
     self._check_names(edits, sites)
+    self._check_grid(pixel_values, grid_thw)
     self.vision_tower.check_pixels(np.asarray(pixel_values))
     e, leaves, s = edits_lib.jit_args(edits, sites)
     graphdef, state = nnx.split(self)
     return _vision(graphdef, state, pixel_values, leaves, edits=e, sites=s)
 
-  def generate(self, input_ids, pixel_values=None, max_new_tokens: int = 16, *,
+  def generate(self, input_ids, pixel_values=None, grid_thw=None, max_new_tokens: int = 16, *,
                edits: Optional[Edits] = None,
                eos_token_id: Optional[int | Sequence[int]] = None,
                pad_token_id: Optional[int] = None, return_logits: bool = False):
@@ -235,6 +249,7 @@ class Gemma3(nnx.Module):
     return_logits: also every step's logits [B, n, V]. Rows share one length (no padding).
     """
     self._check_names(edits, None)
+    self._check_grid(pixel_values, grid_thw)
     ids, idx, blocks = self._check(input_ids, pixel_values)
     if max_new_tokens < 1:
       raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}')

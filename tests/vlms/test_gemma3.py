@@ -141,13 +141,13 @@ def test_generate_matches_transformers(tiny):
   pixels = _pixels(config, 2)
   ids = tg.prompt(2, config.mm_tokens_per_image)
   ref, ref_logits = _hf_generate(torch_model, tg.hf_inputs(ids, pixels), 10, eos_token_id=None)
-  got, logits = model.generate(ids, pixels, 10, return_logits=True)
+  got, logits = model.generate(ids, pixels, None, 10, return_logits=True)
   np.testing.assert_array_equal(got, ref)
   _close(logits, ref_logits, 'generate logits')
   assert len(set(ref[0].tolist())) > 2  # not one repeated token
   eos = int(ref[0, 3])
   stop = int(np.argmax(ref[0] == eos)) + 1
-  got = model.generate(ids, pixels, 10, eos_token_id=eos)
+  got = model.generate(ids, pixels, None, 10, eos_token_id=eos)
   np.testing.assert_array_equal(got, ref[:, :stop])
 
 
