@@ -37,12 +37,7 @@ from csae_jax.vlms import gemma3_text as text_lib
 
 Edits = Mapping[str, Callable[[jax.Array], jax.Array]]
 
-LAYOUTS = (('vision_tower.vision_model.', 'model.vision_tower.'),
-           ('model.vision_tower.vision_model.', 'model.vision_tower.'),
-           ('vision_tower.', 'model.vision_tower.'),
-           ('multi_modal_projector.', 'model.multi_modal_projector.'),
-           ('language_model.model.', 'model.language_model.'),
-           ('language_model.lm_head.', 'lm_head.'))
+LAYOUTS = hf.VLM_LAYOUTS
 
 
 @dataclasses.dataclass(frozen=True)

@@ -117,15 +117,6 @@ class Gemma3TextConfig:
     return cfg
 
 
-def rope_cos_sin(positions_bs: jax.Array, head_dim: int, theta: float, factor: float
-                 ) -> tuple[jax.Array, jax.Array]:
-  """cos, sin [B, S, head_dim] (float32) of the default RoPE, frequencies / factor ('linear')."""
-  inv_freq = layers.rope_inv_freq(head_dim, theta) / jnp.float32(factor)
-  freqs = positions_bs.astype(jnp.float32)[..., None] * inv_freq
-  emb = jnp.concatenate([freqs, freqs], axis=-1)
-  return jnp.cos(emb), jnp.sin(emb)
-
-
 def attention_masks(block_ids_bt: Optional[jax.Array], q_pos: jax.Array, t: int,
                     window: int, b: int) -> dict[str, jax.Array]:
   """{layer type: [B, S, T] bool} for queries at absolute positions q_pos and keys 0..T-1.
@@ -171,19 +162,6 @@ class DecoderLayer(nnx.Module):
     h_bsd = h_bsd + self.post_attention_layernorm(a)
     m = self.mlp(self.pre_feedforward_layernorm(h_bsd))
     return h_bsd + self.post_feedforward_layernorm(m), cache
-
-
-def last_layer_needed(sites: Optional[Collection[str]], n_layers: int) -> int:
-  """Decoder layers the requested sites need (all for final_norm / logits / None)."""
-  if sites is None:
-    return n_layers
-  need = 0
-  for s in sites:
-    if s.startswith('text/layer_'):
-      need = max(need, int(s.split('/')[1][len('layer_'):]) + 1)
-    elif s in ('text/final_norm', 'logits'):
-      return n_layers
-  return need
 
 
 class Gemma3Text(nnx.Module):
@@ -244,10 +222,10 @@ class Gemma3Text(nnx.Module):
     if blocks is not None and t > s:  # key slots past the prompt are not written yet: text
       blocks = jnp.pad(blocks, ((0, 0), (0, t - s)), constant_values=-1)
     masks = attention_masks(blocks, q_pos, t, cfg.sliding_window, b)
-    rope = {kind: rope_cos_sin(jnp.broadcast_to(q_pos, (b, s)), cfg.head_dim,
+    rope = {kind: layers.rope_cos_sin(jnp.broadcast_to(q_pos, (b, s)), cfg.head_dim,
                                cfg.rope_theta[kind], cfg.rope_factor[kind])
             for kind in set(cfg.layer_types)}
-    n_run = last_layer_needed(sites, len(self.layers))
+    n_run = layers.last_layer_needed(sites, len(self.layers))
     new_cache = None if cache is None else list(cache)
     for i in range(n_run):
       kind = cfg.layer_types[i]

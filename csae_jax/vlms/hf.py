@@ -72,6 +72,16 @@ NameMap = Mapping[str, tuple[Path, Transform]]
 ShardingFn = Callable[[Path, jax.ShapeDtypeStruct], Sharding]
 
 SINGLE_FILE = 'model.safetensors'
+# Checkpoint layouts of HF's *ForConditionalGeneration VLMs (Gemma-3, LLaVA): hub snapshots
+# (transformers 4.x: `vision_tower.vision_model.*`, `language_model.model.*`,
+# `language_model.lm_head.*`, `multi_modal_projector.*`) and transformers 5 saves
+# (`vision_tower.*`, ...) renamed into the transformers 5 module tree the ports' maps use.
+VLM_LAYOUTS = (('vision_tower.vision_model.', 'model.vision_tower.'),
+               ('model.vision_tower.vision_model.', 'model.vision_tower.'),
+               ('vision_tower.', 'model.vision_tower.'),
+               ('multi_modal_projector.', 'model.multi_modal_projector.'),
+               ('language_model.model.', 'model.language_model.'),
+               ('language_model.lm_head.', 'lm_head.'))
 INDEX_FILE = 'model.safetensors.index.json'
 
 

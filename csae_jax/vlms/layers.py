@@ -15,7 +15,7 @@ Why each choice:
 from __future__ import annotations
 
 import functools
-from typing import Callable, Optional
+from typing import Callable, Collection, Optional
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +66,15 @@ def rope_inv_freq(head_dim: int, theta: float) -> jax.Array:
   """Inverse frequencies [head_dim // 2] of the default RoPE, in float32 as HF computes them."""
   exps = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
   return 1.0 / (jnp.float32(theta) ** exps)
+
+
+def rope_cos_sin(positions_bs: jax.Array, head_dim: int, theta: float, factor: float
+                 ) -> tuple[jax.Array, jax.Array]:
+  """cos, sin [B, S, head_dim] (float32) of the default RoPE, frequencies / factor ('linear')."""
+  inv_freq = rope_inv_freq(head_dim, theta) / jnp.float32(factor)
+  freqs = positions_bs.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs, freqs], axis=-1)
+  return jnp.cos(emb), jnp.sin(emb)
 
 
 def rotate_half(x: jax.Array) -> jax.Array:
@@ -202,3 +211,16 @@ class Sites:
     if self.wanted is None or name in self.wanted:
       self.out[name] = x
     return x
+
+
+def last_layer_needed(sites: Optional[Collection[str]], n_layers: int) -> int:
+  """Decoder layers the requested sites need (all for final_norm / logits / None)."""
+  if sites is None:
+    return n_layers
+  need = 0
+  for s in sites:
+    if s.startswith('text/layer_'):
+      need = max(need, int(s.split('/')[1][len('layer_'):]) + 1)
+    elif s in ('text/final_norm', 'logits'):
+      return n_layers
+  return need
