@@ -238,8 +238,8 @@ class Qwen3VL(nnx.Module):
   def vision_forward(self, pixel_values, grid_thw, *, edits: Optional[Edits] = None,
                      sites: Optional[Collection[str]] = None) -> dict[str, jax.Array]:
     """Vision sites only (the tower stops at the last one asked for): what harvesting vision
-    sites runs. The common port interface (Gemma-3 has the same method)."""
-    self._check_names(edits, sites)
+    sites runs; the common port interface (Gemma-3, LLaVA have it too). The tower checks the
+    site names (its error lists the vision sites)."""
     graphdef, state = nnx.split(self.visual)
     return vision_lib.forward(graphdef, state, pixel_values,
                               grid_thw=vision_lib.static_grid(grid_thw),
