@@ -241,3 +241,103 @@ class Gemma3Preprocessor:
                        f'{len(grid_i3)} images; check the tokenizer\'s chat template')
     text = text.replace(boi, f'\n\n{boi}{img * self.mm_tokens}{eoi}\n\n')
     return np.asarray(tok(text, add_special_tokens=False)['input_ids'], np.int64)
+
+
+# LLaVA-1.5's conversation format (llava-hf's chat template renders a user turn with one image
+# as exactly this); used when the folder ships no chat template. No <s>: the tokenizer adds it.
+LLAVA_PROMPT = 'USER: {images}\n{prompt} ASSISTANT:'
+
+
+class LlavaPreprocessor:
+  """LLaVA-1.5 inputs without torch: CLIP preprocessing (shortest edge to image_size by PIL
+  bicubic, centre crop, rescale, normalise with preprocessor_config.json's mean/std) ->
+  (pixel_values [B, 3, S, S] float32, grid [B, 3] = (1, S/p, S/p)); prompts -> token ids with
+  each `<image>` expanded to one token per image feature, as LlavaProcessor does ((S/p)^2 with
+  the 'default' strategy, + 1 with 'full').
+
+  Token order (rows of `vision/block_i`): CLS first (row/col -1), then the patch grid
+  row-major; `vision/projector` / text image tokens: the patch grid row-major (no CLS with
+  'default').
+  """
+
+  def __init__(self, folder: str, image_size: int = 0):
+    from csae_jax.vlms import hf  # pylint: disable=g-import-not-at-top
+    config = hf.read_config(folder)
+    pp = _read_json(folder, 'preprocessor_config.json', 'its image mean/std and crop size')
+    vision = config.get('vision_config') or {}
+    self.folder = folder
+    self.model_size = int(vision.get('image_size', 336))
+    self.patch = int(vision.get('patch_size', 14))
+    if image_size not in (0, self.model_size):
+      raise ValueError(f'image_size={image_size}: LLaVA\'s CLIP tower takes '
+                       f'{self.model_size}x{self.model_size} images only; pass 0 (or '
+                       f'{self.model_size})')
+    self.image_size = self.model_size
+    self.full = config.get('vision_feature_select_strategy', 'default') == 'full'
+    self.image_token_id = int(config.get('image_token_index', 32000))
+    self.rescale = float(pp.get('rescale_factor', 1 / 255)) if pp.get('do_rescale', True) else None
+    self.mean = np.asarray(pp.get('image_mean', [0.48145466, 0.4578275, 0.40821073]), np.float32)
+    self.std = np.asarray(pp.get('image_std', [0.26862954, 0.26130258, 0.27577711]), np.float32)
+    self.normalize = bool(pp.get('do_normalize', True))
+    self._tokenizer = None
+
+  @property
+  def grid_hw(self) -> tuple[int, int]:
+    n = self.image_size // self.patch
+    return n, n
+
+  def patch_positions(self) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) of each `vision/block_i` token: CLS (-1, -1), then the grid row-major."""
+    r, c = np.divmod(np.arange(self.grid_hw[0] * self.grid_hw[1]), self.grid_hw[1])
+    return np.concatenate([[-1], r]), np.concatenate([[-1], c])
+
+  def merged_positions(self) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) of each projector token / image token of the text."""
+    r, c = self.patch_positions()
+    return (r, c) if self.full else (r[1:], c[1:])
+
+  def resize(self, image: Image.Image) -> np.ndarray:
+    """Shortest edge to S (bicubic; the long edge int(S * long / short), as HF), centre crop."""
+    s = self.image_size
+    image = image.convert('RGB')
+    w, h = image.size
+    nw, nh = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+    x = np.asarray(image.resize((nw, nh), Image.Resampling.BICUBIC))
+    top, left = (nh - s) // 2, (nw - s) // 2
+    return x[top:top + s, left:left + s]
+
+  def patchify(self, images_bss3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Resized uint8 [B, S, S, 3] -> (pixel_values [B, 3, S, S] float32, grid [B, 3])."""
+    x = images_bss3.astype(np.float32)
+    if self.rescale is not None:
+      x = x * np.float32(self.rescale)
+    if self.normalize:
+      x = (x - self.mean) / self.std
+    g = self.grid_hw[0]
+    return (np.ascontiguousarray(x.transpose(0, 3, 1, 2)),
+            np.tile(np.array([[1, g, g]], np.int64), (len(x), 1)))
+
+  def images(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+    return self.patchify(np.stack([self.resize(im) for im in images]))
+
+  @property
+  def tokenizer(self):
+    if self._tokenizer is None:
+      self._tokenizer = _load_tokenizer(self.folder)
+    return self._tokenizer
+
+  def prompt_ids(self, grid_i3: np.ndarray, prompt: str = DEFAULT_PROMPT) -> np.ndarray:
+    """Token ids of a user turn with the images then the prompt, ready for the answer."""
+    tok = self.tokenizer
+    marker = tok.convert_ids_to_tokens(self.image_token_id)
+    if getattr(tok, 'chat_template', None):
+      content = [{'type': 'image'} for _ in grid_i3] + [{'type': 'text', 'text': prompt}]
+      text = tok.apply_chat_template([{'role': 'user', 'content': content}],
+                                     add_generation_prompt=True, tokenize=False)
+    else:
+      text = LLAVA_PROMPT.format(images=marker * len(grid_i3), prompt=prompt)
+    if text.count(marker) != len(grid_i3):
+      raise ValueError(f'the prompt has {text.count(marker)} {marker} placeholders for '
+                       f'{len(grid_i3)} images; check the tokenizer\'s chat template')
+    n = self.grid_hw[0] * self.grid_hw[1] + self.full
+    return np.asarray(tok(text.replace(marker, marker * n))['input_ids'], np.int64)

@@ -42,6 +42,10 @@ PORTS = {
     # Embedding: the projector's pooled tokens (what the language model receives).
     'gemma-3': Port('gemma-3', 'vision/block_26', embedding_site='vision/projector',
                     default_image_size=0),
+    # LLaVA-1.5's CLIP ViT-L/14-336 has 24 layers; the language model reads layer 22's output
+    # (vision_feature_layer -2), the paper-style site. Embedding: the CLS token of that layer.
+    'llava-1.5': Port('llava-1.5', 'vision/block_22', embedding_site='vision/block_22',
+                      cls_token=True, default_image_size=0),
 }
 
 CHECKPOINTS = {
@@ -49,6 +53,10 @@ CHECKPOINTS = {
                                        'Qwen/Qwen3-VL-4B-Instruct', 'vision/block_23', 256),
     'gemma-3-4b-it': Checkpoint('gemma-3-4b-it', 'gemma-3', 'google/gemma-3-4b-it',
                                 'vision/block_26', 896),
+    'llava-1.5-7b': Checkpoint('llava-1.5-7b', 'llava-1.5', 'llava-hf/llava-1.5-7b-hf',
+                               'vision/block_22', 336),
+    'llava-1.5-13b': Checkpoint('llava-1.5-13b', 'llava-1.5', 'llava-hf/llava-1.5-13b-hf',
+                                'vision/block_22', 336),
 }
 
 
@@ -73,6 +81,9 @@ def load(port: Port, folder: str, *, dtype: str = 'float32', mesh=None):
   if port.name == 'gemma-3':
     from csae_jax.vlms import gemma3  # pylint: disable=g-import-not-at-top
     return gemma3.Gemma3.from_pretrained(folder, dtype=jnp.dtype(dtype), mesh=mesh)
+  if port.name == 'llava-1.5':
+    from csae_jax.vlms import llava  # pylint: disable=g-import-not-at-top
+    return llava.Llava.from_pretrained(folder, dtype=jnp.dtype(dtype), mesh=mesh)
   raise ValueError(f'no loader for port {port.name!r}')
 
 
@@ -85,4 +96,6 @@ def preprocessor(port: Port, folder: str, image_size: int = 0):
                                           port.default_image_size)
   if port.name == 'gemma-3':
     return preprocess.Gemma3Preprocessor(folder, image_size=image_size)
+  if port.name == 'llava-1.5':
+    return preprocess.LlavaPreprocessor(folder, image_size=image_size)
   raise ValueError(f'no preprocessor for port {port.name!r}')
