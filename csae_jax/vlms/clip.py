@@ -29,13 +29,14 @@ Edits = Mapping[str, Callable[[jax.Array], jax.Array]]
 
 @dataclasses.dataclass(frozen=True)
 class ClipConfig(siglip.SiglipConfig):
-  """HF's `CLIPVisionConfig` fields the port uses (LLaVA-1.5: ViT-L/14 at 336 px)."""
-  hidden_size: int = 1024
-  intermediate_size: int = 4096
-  num_hidden_layers: int = 24
-  num_attention_heads: int = 16
-  image_size: int = 336
-  patch_size: int = 14
+  """HF's `CLIPVisionConfig` fields the port uses, with HF's defaults (LLaVA-1.5's config sets
+  ViT-L/14 at 336 px: hidden 1024, 24 layers, 16 heads)."""
+  hidden_size: int = 768
+  intermediate_size: int = 3072
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
+  image_size: int = 224
+  patch_size: int = 32
   hidden_act: str = 'quick_gelu'
   layer_norm_eps: float = 1e-5
 

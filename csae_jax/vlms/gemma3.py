@@ -39,6 +39,22 @@ Edits = Mapping[str, Callable[[jax.Array], jax.Array]]
 
 LAYOUTS = hf.VLM_LAYOUTS
 
+# config.json of google/gemma-3-4b-it as published on the hub (transformers 4.50 style: the text
+# config lists only what differs from Gemma3TextConfig's defaults; vocab 262208, 8 heads, 4 kv
+# heads, head_dim 256, query_pre_attn_scalar 256 come from those defaults).
+GEMMA3_4B_CONFIG: dict[str, Any] = {
+    'architectures': ['Gemma3ForConditionalGeneration'], 'model_type': 'gemma3',
+    'boi_token_index': 255999, 'eoi_token_index': 256000, 'eos_token_id': [1, 106],
+    'image_token_index': 262144, 'initializer_range': 0.02, 'mm_tokens_per_image': 256,
+    'text_config': {'hidden_size': 2560, 'intermediate_size': 10240,
+                    'model_type': 'gemma3_text', 'num_hidden_layers': 34,
+                    'rope_scaling': {'factor': 8.0, 'rope_type': 'linear'},
+                    'sliding_window': 1024},
+    'vision_config': {'hidden_size': 1152, 'image_size': 896, 'intermediate_size': 4304,
+                      'model_type': 'siglip_vision_model', 'num_attention_heads': 16,
+                      'num_hidden_layers': 27, 'patch_size': 14, 'vision_use_head': False},
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class Gemma3Config:

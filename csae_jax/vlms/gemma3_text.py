@@ -34,6 +34,12 @@ from csae_jax.vlms import hf, layers
 
 Edits = Mapping[str, Callable[[jax.Array], jax.Array]]
 SLIDING, FULL = 'sliding_attention', 'full_attention'
+# transformers' Gemma3TextConfig defaults (the fields this port reads).
+GEMMA3_TEXT_DEFAULTS: dict[str, Any] = {
+    'vocab_size': 262_208, 'hidden_size': 2304, 'intermediate_size': 9216,
+    'num_hidden_layers': 26, 'num_attention_heads': 8, 'num_key_value_heads': 4,
+    'head_dim': 256, 'query_pre_attn_scalar': 256, 'sliding_window': 4096, 'rms_norm_eps': 1e-6,
+    'hidden_activation': 'gelu_pytorch_tanh'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +71,9 @@ class Gemma3TextConfig:
     """From a Gemma-3 config.json dict (the whole config, or its `text_config`), hub style
     (rope_theta, rope_local_base_freq, rope_scaling, sliding_window_pattern) or transformers 5
     style (rope_parameters per layer type, layer_types)."""
-    text = d.get('text_config', d)
+    # Hub configs leave out what equals HF's Gemma3TextConfig defaults (Gemma-3-4B omits the
+    # vocabulary, heads and head_dim): missing keys take those defaults.
+    text = {**GEMMA3_TEXT_DEFAULTS, **d.get('text_config', d)}
     tie = bool(d.get('tie_word_embeddings', text.get('tie_word_embeddings', True)))
     if text.get('use_bidirectional_attention'):
       raise ValueError('text_config.use_bidirectional_attention=True (EmbeddingGemma) is not '

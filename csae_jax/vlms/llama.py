@@ -19,6 +19,11 @@ from flax import nnx
 from csae_jax.vlms import hf, layers
 
 Edits = Mapping[str, Callable[[jax.Array], jax.Array]]
+# transformers' LlamaConfig defaults (the fields this port reads): Llama-2-7B's sizes.
+LLAMA_DEFAULTS: dict[str, Any] = {
+    'vocab_size': 32_000, 'hidden_size': 4096, 'intermediate_size': 11_008,
+    'num_hidden_layers': 32, 'num_attention_heads': 32, 'rms_norm_eps': 1e-6,
+    'hidden_act': 'silu'}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +46,9 @@ class LlamaConfig:
   @classmethod
   def from_hf(cls, d: Mapping[str, Any]) -> 'LlamaConfig':
     """From a Llama config dict (a LLaVA config.json's `text_config`, or a Llama one)."""
-    text = d.get('text_config', d)
+    # LLaVA's hub configs list only what differs from LlamaConfig's defaults (7B: none of the
+    # sizes): missing keys take those defaults.
+    text = {**LLAMA_DEFAULTS, **d.get('text_config', d)}
     rope = dict(text.get('rope_parameters') or text.get('rope_scaling') or {})
     kind = rope.get('rope_type', rope.get('type', 'default'))
     if kind not in ('default', 'linear'):

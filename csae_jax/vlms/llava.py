@@ -27,6 +27,28 @@ from csae_jax.vlms import edits as edits_lib
 
 Edits = Mapping[str, Callable[[jax.Array], jax.Array]]
 
+# config.json of llava-hf/llava-1.5-7b-hf and -13b-hf as published on the hub (the text configs
+# list only what differs from LlamaConfig's defaults: the 7B takes Llama-2-7B's sizes).
+_CLIP_L14_336 = {'hidden_size': 1024, 'image_size': 336, 'intermediate_size': 4096,
+                 'model_type': 'clip_vision_model', 'num_attention_heads': 16,
+                 'num_hidden_layers': 24, 'patch_size': 14, 'projection_dim': 768,
+                 'vocab_size': 32000}
+_LLAVA_TOP = {'architectures': ['LlavaForConditionalGeneration'], 'model_type': 'llava',
+              'ignore_index': -100, 'image_token_index': 32000, 'pad_token_id': 32001,
+              'projector_hidden_act': 'gelu', 'tie_word_embeddings': False,
+              'vision_feature_layer': -2, 'vision_feature_select_strategy': 'default'}
+LLAVA_15_7B_CONFIG: dict[str, Any] = {
+    **_LLAVA_TOP, 'vision_config': dict(_CLIP_L14_336),
+    'text_config': {'architectures': ['LlamaForCausalLM'], 'max_position_embeddings': 4096,
+                    'model_type': 'llama', 'rms_norm_eps': 1e-05, 'vocab_size': 32064}}
+LLAVA_15_13B_CONFIG: dict[str, Any] = {
+    **_LLAVA_TOP, 'vision_config': dict(_CLIP_L14_336),
+    'text_config': {'architectures': ['LlamaForCausalLM'], 'hidden_size': 5120,
+                    'intermediate_size': 13824, 'max_position_embeddings': 4096,
+                    'model_type': 'llama', 'num_attention_heads': 40, 'num_hidden_layers': 40,
+                    'num_key_value_heads': 40, 'pad_token_id': 0, 'rms_norm_eps': 1e-05,
+                    'vocab_size': 32064}}
+
 
 @dataclasses.dataclass(frozen=True)
 class LlavaConfig:

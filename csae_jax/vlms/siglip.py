@@ -34,14 +34,15 @@ Edits = Mapping[str, Callable[[jax.Array], jax.Array]]
 
 @dataclasses.dataclass(frozen=True)
 class SiglipConfig:
-  """The fields of HF's `SiglipVisionConfig` the port uses."""
-  hidden_size: int = 1152
-  intermediate_size: int = 4304
-  num_hidden_layers: int = 27
-  num_attention_heads: int = 16
+  """The fields of HF's `SiglipVisionConfig` the port uses, with HF's defaults (a config.json
+  leaves out what equals them)."""
+  hidden_size: int = 768
+  intermediate_size: int = 3072
+  num_hidden_layers: int = 12
+  num_attention_heads: int = 12
   num_channels: int = 3
-  image_size: int = 896
-  patch_size: int = 14
+  image_size: int = 224
+  patch_size: int = 16
   hidden_act: str = 'gelu_pytorch_tanh'
   layer_norm_eps: float = 1e-6
 
