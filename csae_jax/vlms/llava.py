@@ -187,6 +187,15 @@ class Llava(nnx.Module):
                        f'vision/projector, text/embed, text/layer_0..'
                        f'{self.cfg.text.num_hidden_layers - 1}, text/final_norm, logits')
 
+  def _check_pixels(self, pixel_values, grid_thw) -> None:
+    """[n, 3, S, S] pixels; grid_thw (optional, the common port interface) one (1, S/p, S/p)
+    grid per image."""
+    self.vision_tower.check_pixels(np.asarray(pixel_values))
+    side = self.cfg.vision.side
+    if grid_thw is not None and np.any(np.asarray(grid_thw).reshape(-1, 3) != (1, side, side)):
+      raise ValueError(f'grid_thw {np.asarray(grid_thw).tolist()}: LLaVA takes one '
+                       f'(1, {side}, {side}) grid per image (pass None or the preprocessor\'s)')
+
   def _check(self, input_ids, pixel_values, grid_thw):
     ids = np.asarray(input_ids)
     if ids.ndim == 1:
@@ -202,11 +211,7 @@ class Llava(nnx.Module):
                        f'{n_img} image(s) give {n_img * per} ({per} each); expand each <image> '
                        'as LlavaProcessor does (`preprocess.LlavaPreprocessor`)')
     if pixel_values is not None:
-      self.vision_tower.check_pixels(np.asarray(pixel_values))
-      side = self.cfg.vision.side
-      if grid_thw is not None and np.any(np.asarray(grid_thw).reshape(-1, 3) != (1, side, side)):
-        raise ValueError(f'grid_thw {np.asarray(grid_thw).tolist()}: LLaVA takes one '
-                         f'(1, {side}, {side}) grid per image')
+      self._check_pixels(pixel_values, grid_thw)
     idx = np.flatnonzero(ids.reshape(-1) == self.cfg.image_token_id).astype(np.int32)
     return ids.astype(np.int32), idx
 
@@ -224,9 +229,7 @@ class Llava(nnx.Module):
                      sites: Optional[Collection[str]] = None) -> dict[str, jax.Array]:
     """Vision sites only (tower + projector)."""
     self._check_names(edits, sites)
-    self._check(np.zeros((1, 0), np.int64) if pixel_values is None else np.full(
-        (1, len(pixel_values) * self.cfg.n_image_tokens), self.cfg.image_token_id),
-        pixel_values, grid_thw)
+    self._check_pixels(pixel_values, grid_thw)
     e, leaves, s = edits_lib.jit_args(edits, sites)
     graphdef, state = nnx.split(self)
     return _vision(graphdef, state, pixel_values, leaves, edits=e, sites=s)
