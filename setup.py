@@ -33,6 +33,8 @@ setup(
     extras_require={
         # torch is a test-time numerical reference only; pinned to the CPU wheel on local disk.
         # nbclient, nbformat, ipykernel: the suite executes the notebooks in colabs/.
-        'test': ['pytest', 'pytest-xdist', 'torch==2.13.0', 'nbclient', 'nbformat', 'ipykernel'],
+        # scikit-image: real photographs (skimage.data) that ship offline, for harvest parity.
+        'test': ['pytest', 'pytest-xdist', 'torch==2.13.0', 'nbclient', 'nbformat', 'ipykernel',
+                 'scikit-image'],
     },
 )

@@ -532,7 +532,8 @@ class HarvestConfig:
   data_dir: str = ''               # TFDS data_dir (nothing is downloaded)
   split: str = 'train'             # TFDS split
   sites: str = ''                  # comma-separated site names; '' = the model's default site
-  image_size: int = 256            # images resized to image_size^2 (the paper: 256)
+  image_size: int = 0              # images resized to image_size^2; 0 = the port's default
+                                   # (Qwen3-VL: 256, the paper; Gemma-3: its checkpoint's size)
   prompt: str = 'Describe the image content accurately.'
   all_tokens: bool = False         # text sites: every token, not only the image tokens
   batch_size: int = 8              # images per forward
@@ -550,8 +551,9 @@ def harvest_from_config_dict(cd: Any) -> HarvestConfig:
   for key in ('model_path', 'images'):
     if not getattr(cfg, key):
       raise ValueError(f'config key {key!r} is required for harvesting; set --config.{key}=...')
-  for key in ('image_size', 'batch_size', 'chunk_images'):
+  for key in ('batch_size', 'chunk_images'):
     _positive(key, getattr(cfg, key))
+  _positive('image_size', cfg.image_size, allow_zero=True)
   _positive('max_images', cfg.max_images, allow_zero=True)
   _positive('workers', cfg.workers, allow_zero=True)
   if cfg.chunk_images % cfg.batch_size:

@@ -171,14 +171,12 @@ def port_embeddings(harvest_dir: str, model: str, model_path: str, site: str = '
 def _run_port(port, model, model_path, site, pool, rec, size, batch_size, dtype, workers
               ) -> np.ndarray:
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  if port.name != 'qwen3-vl':  # the harvest's preprocessing is Qwen3-VL's; a new port adds its own
-    raise ValueError(f'compare.embedding_model: no embedding path for port {port.name!r} yet')
   cfg = config_lib.HarvestConfig(
       model=model, model_path=model_path, images=rec['images'], data_dir=rec['data_dir'],
       split=rec['split'], sites=site, image_size=size, batch_size=batch_size,
       chunk_images=batch_size, workers=workers, max_images=rec['n_images'], dtype=dtype)
   imgs = _open_same_images(rec)
-  pre = preprocess.Qwen3VLPreprocessor(model_path, image_size=size)
+  pre = registry.preprocessor(port, model_path, size)
   net = registry.load(port, model_path, dtype=dtype)
   if site not in net.site_names():
     raise ValueError(f'compare.embedding_site {site!r} is not a site of {model!r} (its sites: '

@@ -2,7 +2,8 @@
 
 `run(cfg, workdir)` is the entry point (`python -m experiments.run
 --config=experiments/configs/harvest.py ...`). Images are resized to `image_size`^2, processed by
-the model's own image processor and sent through the jitted port in batches of `batch_size`
+the port's preprocessor (`registry.preprocessor`) and sent through the jitted port in batches of
+`batch_size`
 (one compilation: every batch has the same grid; the last one is padded by repeating its final
 image, whose copies are dropped). Vision sites need only the vision tower; text sites run the
 whole model on the chat prompt with the image (`prompt`), and keep the image tokens (or all of
@@ -24,15 +25,13 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
 from tqdm.auto import tqdm
 
 from csae_jax import checkpoint as ckpt_lib
 from csae_jax import config as config_lib
 from csae_jax import sharding
 from csae_jax.sources import harvest_store, images as images_lib
-from csae_jax.vlms import preprocess, registry
-from csae_jax.vlms import qwen3_vl_vision as vision_lib
+from csae_jax.vlms import registry
 
 
 # Decoding and resizing are PIL work that holds the GIL (threads gave no speed-up), while the 4B
@@ -40,16 +39,17 @@ from csae_jax.vlms import qwen3_vl_vision as vision_lib
 # processes ('spawn': forking a process that runs JAX is unsafe) that return uint8 [S, S, 3]
 # arrays (196 kB at 256^2, not 1.5 MB of float patches); the normalisation and patch flattening
 # are one vectorised numpy call on the whole batch in the main process
-# (`Qwen3VLPreprocessor.patchify`, tested equal to the processor).
+# (the preprocessor's `patchify`, tested equal to the model's processor).
 _WORKER: dict = {}
 
 
-def _worker_init(images_spec: str, data_dir: str, split: str, model_path: str, image_size: int):
+def _worker_init(images_spec: str, data_dir: str, split: str, model: str, model_path: str,
+                 image_size: int):
   _WORKER['images'] = images_lib.open_images(images_spec, data_dir=data_dir, split=split)
-  _WORKER['pre'] = preprocess.Qwen3VLPreprocessor(model_path, image_size=image_size)
+  _WORKER['pre'] = registry.preprocessor(registry.resolve(model)[0], model_path, image_size)
 
 
-def _load_resized(imgs, pre: preprocess.Qwen3VLPreprocessor, ids: list[int]
+def _load_resized(imgs, pre, ids: list[int]
                   ) -> tuple[np.ndarray, list]:
   """[n, S, S, 3] uint8 and the labels, each image read once."""
   loaded = [imgs.load_labelled(i) for i in ids]
@@ -64,7 +64,7 @@ class Preprocessing:
   """Batches of (pixel_values, grid_thw, labels) for lists of image ids, in order; with workers,
   two batches are in flight while the device runs."""
 
-  def __init__(self, cfg: config_lib.HarvestConfig, imgs, pre: preprocess.Qwen3VLPreprocessor):
+  def __init__(self, cfg: config_lib.HarvestConfig, imgs, pre):
     self.imgs, self.pre, self.cfg = imgs, pre, cfg
     self.pool = None
     if cfg.workers:
@@ -72,8 +72,8 @@ class Preprocessing:
       import multiprocessing  # pylint: disable=g-import-not-at-top
       self.pool = concurrent.futures.ProcessPoolExecutor(
           cfg.workers, mp_context=multiprocessing.get_context('spawn'),
-          initializer=_worker_init, initargs=(cfg.images, cfg.data_dir, cfg.split,
-                                              cfg.model_path, cfg.image_size))
+          initializer=_worker_init, initargs=(cfg.images, cfg.data_dir, cfg.split, cfg.model,
+                                              cfg.model_path, pre.image_size))
 
   def batches(self, id_batches: list[list[int]]):
     if self.pool is None:
@@ -106,22 +106,23 @@ def parse_sites(spec: str, default: str) -> list[str]:
 
 
 class Harvester:
-  """A batch of images -> per site: activations of every image, with their index rows."""
+  """A batch of images -> per site: activations of every image, with their index rows.
 
-  def __init__(self, model, pre: preprocess.Qwen3VLPreprocessor, sites: list[str], *,
+  Any port with the common interface works: `model.forward(ids, pixels, grid, sites=)`,
+  `model.vision_forward(pixels, grid, sites=)`, `model.cfg.image_token_id`; the preprocessor's
+  `prompt_ids`, `patch_positions` and `merged_positions` (registry.preprocessor)."""
+
+  def __init__(self, model, pre, sites: list[str], *,
                prompt: str, all_tokens: bool):
     self.model, self.pre, self.sites = model, pre, sites
     self.prompt, self.all_tokens = prompt, all_tokens
     bad = [s for s in sites if not s.startswith(('vision/', 'text/'))]
     if bad:
       raise ValueError(f'unknown site(s) {bad}; sites are vision/block_{{i}}, vision/merger, '
-                       f'vision/deepstack_{{j}} or text/layer_{{i}}')
+                       f'vision/deepstack_{{j}}, vision/projector or text/layer_{{i}}')
     self.text = any(s.startswith('text/') for s in sites)
-    self._vision = nnx.split(model.visual)
-    h, w = pre.grid_hw
-    merge = pre.merge
-    self._patch_rc = preprocess.patch_grid_positions(h, w, merge)
-    self._merged_rc = preprocess.merged_grid_positions(h, w, merge)
+    self._patch_rc = pre.patch_positions()
+    self._merged_rc = pre.merged_positions()
     self._ids = None
 
   def _prompt_ids(self, grid_i3: np.ndarray) -> np.ndarray:
@@ -140,16 +141,15 @@ class Harvester:
       ids_bs = np.tile(self._prompt_ids(grid), (b, 1))
       out = self.model.forward(ids_bs, pixels, grid, sites=self.sites)
     else:
-      graphdef, state = self._vision
-      out = vision_lib.forward(graphdef, state, pixels, grid_thw=vision_lib.static_grid(grid),
-                               sites=tuple(self.sites))
+      out = self.model.vision_forward(pixels, grid, sites=tuple(self.sites))
     out = jax.device_get({k: out[k].astype(store_dtype) for k in self.sites})
     return {site: self._rows(site, np.asarray(out[site]), image_ids, b) for site in self.sites}
 
   def _rows(self, site: str, acts: np.ndarray, image_ids: np.ndarray, b: int
             ) -> tuple[np.ndarray, dict]:
     n = len(image_ids)
-    if site.startswith('vision/'):  # [b * per, d]: each image's tokens contiguous, in order
+    if site.startswith('vision/'):  # [b * per, d] or [b, per, d]: each image's tokens in order
+      acts = acts.reshape(-1, acts.shape[-1])
       per = len(acts) // b
       rows, cols = self._patch_rc if per == len(self._patch_rc[0]) else self._merged_rc
       token = np.arange(per)
@@ -187,14 +187,14 @@ def run(cd, workdir: str) -> dict:
   sites = parse_sites(cfg.sites, port.default_site)
   imgs = images_lib.open_images(cfg.images, data_dir=cfg.data_dir, split=cfg.split)
   n_images = min(len(imgs), cfg.max_images) if cfg.max_images else len(imgs)
-  pre = preprocess.Qwen3VLPreprocessor(cfg.model_path, image_size=cfg.image_size)
+  pre = registry.preprocessor(port, cfg.model_path, cfg.image_size)
   mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh.model > 1 else None
   model = registry.load(port, cfg.model_path, dtype=cfg.dtype, mesh=mesh)
   harvester = Harvester(model, pre, sites, prompt=cfg.prompt, all_tokens=cfg.all_tokens)
   root = os.path.join(os.path.abspath(workdir), 'activations')
   manifest = {'model': cfg.model, 'port': port.name,
               'model_path': os.path.abspath(cfg.model_path), 'images': cfg.images,
-              'split': cfg.split, 'n_images': n_images, 'image_size': cfg.image_size,
+              'split': cfg.split, 'n_images': n_images, 'image_size': pre.image_size,
               'prompt': cfg.prompt if harvester.text else None, 'all_tokens': cfg.all_tokens,
               'chunk_images': cfg.chunk_images, 'dtype': cfg.dtype,
               'store_dtype': cfg.store_dtype}

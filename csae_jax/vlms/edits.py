@@ -51,3 +51,10 @@ def merge(static: StaticEdits, leaves: tuple[list, ...]) -> dict[str, Callable]:
   for name, fn_or_def, is_tree in static:
     out[name] = jax.tree_util.tree_unflatten(fn_or_def, next(it)) if is_tree else fn_or_def
   return out
+
+
+def jit_args(edits: Optional[Edits], sites=None) -> tuple[StaticEdits, tuple[list, ...], Any]:
+  """(static edits, traced edit leaves, sites as a sorted tuple or None): what a port's jitted
+  forward takes for `edits=` and `sites=` (shared by every port)."""
+  static, leaves = split(edits)
+  return static, leaves, (None if sites is None else tuple(sorted(set(sites))))

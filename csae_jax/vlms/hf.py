@@ -31,6 +31,11 @@ The contract (ports write the name map, this module does the rest):
         ties word embeddings (top level or text_config), a mapped '*lm_head.weight' absent from
         the checkpoint takes the mapped '*embed_tokens.weight', and a stored 'lm_head.weight'
         that the map does not want (a port that reuses the embedding) is skipped.
+      rename: checkpoint layouts, as (stored prefix, canonical prefix) pairs: a stored name is
+        renamed by the longest matching prefix before anything else sees it, so one name map
+        (written in the canonical layout) reads every layout a model is published in (hub
+        snapshots `language_model.model.*`, transformers 5 module trees `model.language_model.*`).
+        Two stored names that rename to one canonical name raise (a mixed-up folder).
       Raises ValueError (naming the file / tensor / path and the fix) for: a missing folder,
       config.json, weights, index or shard; checkpoint tensors neither mapped nor ignored; mapped
       names the checkpoint lacks; Params no name fills (or map paths that are not Params); and
@@ -67,6 +72,16 @@ NameMap = Mapping[str, tuple[Path, Transform]]
 ShardingFn = Callable[[Path, jax.ShapeDtypeStruct], Sharding]
 
 SINGLE_FILE = 'model.safetensors'
+# Checkpoint layouts of HF's *ForConditionalGeneration VLMs (Gemma-3, LLaVA): hub snapshots
+# (transformers 4.x: `vision_tower.vision_model.*`, `language_model.model.*`,
+# `language_model.lm_head.*`, `multi_modal_projector.*`) and transformers 5 saves
+# (`vision_tower.*`, ...) renamed into the transformers 5 module tree the ports' maps use.
+VLM_LAYOUTS = (('vision_tower.vision_model.', 'model.vision_tower.'),
+               ('model.vision_tower.vision_model.', 'model.vision_tower.'),
+               ('vision_tower.', 'model.vision_tower.'),
+               ('multi_modal_projector.', 'model.multi_modal_projector.'),
+               ('language_model.model.', 'model.language_model.'),
+               ('language_model.lm_head.', 'lm_head.'))
 INDEX_FILE = 'model.safetensors.index.json'
 
 
@@ -239,10 +254,12 @@ def _materialize(model: nnx.Module, names: Sequence[str], fetch: Callable[[Itera
 
 def load(folder: str, model: Any, name_map: NameMap, *, dtype=None, mesh: Optional[Mesh] = None,
          ignore: Sequence[str] = (), tied: Optional[Mapping[str, str]] = None,
-         sharding: Optional[ShardingFn] = None) -> nnx.Module:
+         sharding: Optional[ShardingFn] = None,
+         rename: Sequence[tuple[str, str]] = ()) -> nnx.Module:
   """Loads a local HF safetensors checkpoint into `model` (see the module docstring)."""
   config = read_config(folder)
-  files = tensor_files(folder)
+  stored = tensor_files(folder)
+  files = {new: (stored[old], old) for new, old in canonical_names(stored, rename).items()}
   is_tied = ties_embeddings(config)
   if tied is None:
     tied = _auto_tie(name_map) if is_tied else {}
@@ -250,11 +267,11 @@ def load(folder: str, model: Any, name_map: NameMap, *, dtype=None, mesh: Option
   def fetch(wanted: Iterable[str]) -> Iterator[tuple[str, np.ndarray]]:
     by_file: dict[str, list[str]] = {}
     for name in wanted:
-      by_file.setdefault(files[name], []).append(name)
+      by_file.setdefault(files[name][0], []).append(name)
     for path in sorted(by_file):  # each shard opened once; its tensors read one at a time
       with safe_open(path, framework='numpy') as f:
         for name in by_file[path]:
-          yield name, f.get_tensor(name)
+          yield name, f.get_tensor(files[name][1])
 
   return _materialize(model, list(files), fetch, name_map, dtype=dtype, mesh=mesh, ignore=ignore,
                       tied=tied, skip_tied_head=is_tied and 'lm_head.weight' not in name_map,
@@ -264,8 +281,10 @@ def load(folder: str, model: Any, name_map: NameMap, *, dtype=None, mesh: Option
 def load_arrays(model: Any, tensors: Mapping[str, np.ndarray], name_map: NameMap, *,
                 dtype=None, mesh: Optional[Mesh] = None, ignore: Sequence[str] = (),
                 tied: Optional[Mapping[str, str]] = None,
-                sharding: Optional[ShardingFn] = None) -> nnx.Module:
+                sharding: Optional[ShardingFn] = None,
+                rename: Sequence[tuple[str, str]] = ()) -> nnx.Module:
   """`load` from an in-memory {hf name: array} (e.g. a torch state_dict turned to numpy)."""
+  tensors = {new: tensors[old] for new, old in canonical_names(tensors, rename).items()}
 
   def fetch(wanted: Iterable[str]) -> Iterator[tuple[str, np.ndarray]]:
     for name in wanted:
@@ -274,6 +293,20 @@ def load_arrays(model: Any, tensors: Mapping[str, np.ndarray], name_map: NameMap
   return _materialize(model, list(tensors), fetch, name_map, dtype=dtype, mesh=mesh,
                       ignore=ignore, tied=dict(tied or {}), skip_tied_head=False,
                       sharding=sharding)
+
+
+def canonical_names(names: Iterable[str], rename: Sequence[tuple[str, str]] = ()
+                    ) -> dict[str, str]:
+  """{canonical name: stored name} under `rename`'s (stored prefix, canonical prefix) pairs."""
+  rules = sorted(rename, key=lambda r: -len(r[0]))
+  out: dict[str, str] = {}
+  for name in names:
+    new = next((to + name[len(src):] for src, to in rules if name.startswith(src)), name)
+    if new in out:
+      raise ValueError(f'checkpoint tensors {out[new]!r} and {name!r} both mean {new!r} (two '
+                       'layouts mixed in one folder); keep one snapshot per folder')
+    out[new] = name
+  return out
 
 
 def _auto_tie(name_map: NameMap) -> dict[str, str]:

@@ -65,6 +65,14 @@ class Qwen3VLPreprocessor:
     n = self.image_size // self.patch
     return n, n
 
+  def patch_positions(self) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) of each `vision/block_i` token (the processor's merge-window order)."""
+    return patch_grid_positions(*self.grid_hw, self.merge)
+
+  def merged_positions(self) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) of each merged token (`vision/merger`, image tokens of the text)."""
+    return merged_grid_positions(*self.grid_hw, self.merge)
+
   def images(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
     s = self.image_size
     resized = [im.convert('RGB').resize((s, s), Image.Resampling.BICUBIC) for im in images]
@@ -120,3 +128,216 @@ class Qwen3VLPreprocessor:
     merged = [int(np.prod(g)) // self.merge ** 2 for g in grid_thw_i3]
     text = parts[0] + ''.join(IMAGE_PAD * m + p for m, p in zip(merged, parts[1:]))
     return np.asarray(self.tokenizer(text, add_special_tokens=False)['input_ids'], np.int64)
+
+
+def _load_tokenizer(folder: str):
+  import transformers  # pylint: disable=g-import-not-at-top
+  try:
+    return transformers.AutoTokenizer.from_pretrained(folder)
+  except (OSError, ValueError) as e:
+    raise ValueError(f'{folder!r}: no usable tokenizer ({e}); text sites and generation need '
+                     f'the checkpoint\'s tokenizer files') from e
+
+
+def _read_json(folder: str, name: str, why: str) -> dict:
+  import json  # pylint: disable=g-import-not-at-top
+  path = os.path.join(folder, name)
+  if not os.path.exists(path):
+    raise ValueError(f'{folder!r} has no {name}; point model_path at the checkpoint folder '
+                     f'({why})')
+  with open(path) as f:
+    return json.load(f)
+
+
+class Gemma3Preprocessor:
+  """Gemma-3 inputs without torch or transformers' image processor: images -> (pixel_values
+  [B, 3, S, S] float32, grid [B, 3] = (1, S/p, S/p) per image); prompts -> token ids with each
+  `<start_of_image>` expanded as Gemma3Processor does ("\\n\\n" BOI, mm_tokens_per_image soft
+  tokens, EOI "\\n\\n").
+
+  Images go to the checkpoint's own size S (vision_config.image_size, 896 for Gemma-3-4B) by
+  PIL bilinear resampling, then rescale and normalise with preprocessor_config.json's values
+  (no pan-and-scan). The tower takes no other size, so `image_size` must be 0 or S.
+
+  Token order (rows of `vision/block_i`): the patch grid row-major; `vision/projector` and the
+  image positions of `text/layer_i`: the pooled grid (side sqrt(mm_tokens)) row-major.
+  """
+
+  def __init__(self, folder: str, image_size: int = 0):
+    from csae_jax.vlms import hf  # pylint: disable=g-import-not-at-top
+    config = hf.read_config(folder)
+    pp = _read_json(folder, 'preprocessor_config.json', 'its image mean/std and size')
+    vision = config.get('vision_config') or {}
+    self.folder = folder
+    self.model_size = int(vision.get('image_size', 896))
+    self.patch = int(vision.get('patch_size', 14))
+    if image_size not in (0, self.model_size):
+      raise ValueError(f'image_size={image_size}: Gemma-3\'s vision tower takes '
+                       f'{self.model_size}x{self.model_size} images only; pass 0 (or '
+                       f'{self.model_size})')
+    self.image_size = self.model_size
+    self.mm_tokens = int(config.get('mm_tokens_per_image', 256))
+    self.pooled_side = int(round(self.mm_tokens ** 0.5))
+    self.rescale = float(pp.get('rescale_factor', 1 / 255)) if pp.get('do_rescale', True) else None
+    self.mean = np.asarray(pp.get('image_mean', [0.5] * 3), np.float32)
+    self.std = np.asarray(pp.get('image_std', [0.5] * 3), np.float32)
+    self.normalize = bool(pp.get('do_normalize', True))
+    if pp.get('do_pan_and_scan'):
+      raise ValueError(f'{folder!r}/preprocessor_config.json sets do_pan_and_scan; this port '
+                       'feeds one crop per image (set it to false)')
+    self.image_token_id = int(config.get('image_token_index', 262144))
+    self.boi_token_id = int(config.get('boi_token_index', 255999))
+    self.eoi_token_id = int(config.get('eoi_token_index', 256000))
+    self._tokenizer = None
+
+  @property
+  def grid_hw(self) -> tuple[int, int]:
+    n = self.image_size // self.patch
+    return n, n
+
+  def patch_positions(self) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) of each `vision/block_i` token: the patch grid row-major."""
+    r, c = np.divmod(np.arange(self.grid_hw[0] * self.grid_hw[1]), self.grid_hw[1])
+    return r, c
+
+  def merged_positions(self) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) of each projector token (image token of the text) on the pooled grid."""
+    return np.divmod(np.arange(self.mm_tokens), self.pooled_side)
+
+  def resize(self, image: Image.Image) -> np.ndarray:
+    s = self.image_size
+    return np.asarray(image.convert('RGB').resize((s, s), Image.Resampling.BILINEAR))
+
+  def patchify(self, images_bss3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Resized uint8 [B, S, S, 3] -> (pixel_values [B, 3, S, S] float32, grid [B, 3])."""
+    x = images_bss3.astype(np.float32)
+    if self.rescale is not None:
+      x = x * np.float32(self.rescale)
+    if self.normalize:
+      x = (x - self.mean) / self.std
+    g = self.grid_hw[0]
+    grid = np.tile(np.array([[1, g, g]], np.int64), (len(x), 1))
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), grid
+
+  def images(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+    return self.patchify(np.stack([self.resize(im) for im in images]))
+
+  @property
+  def tokenizer(self):
+    if self._tokenizer is None:
+      self._tokenizer = _load_tokenizer(self.folder)
+    return self._tokenizer
+
+  def prompt_ids(self, grid_i3: np.ndarray, prompt: str = DEFAULT_PROMPT) -> np.ndarray:
+    """Token ids of a user turn with the images then the prompt, ready for the answer."""
+    tok = self.tokenizer
+    boi, img, eoi = tok.convert_ids_to_tokens([self.boi_token_id, self.image_token_id,
+                                               self.eoi_token_id])
+    content = [{'type': 'image'} for _ in grid_i3] + [{'type': 'text', 'text': prompt}]
+    text = tok.apply_chat_template([{'role': 'user', 'content': content}],
+                                   add_generation_prompt=True, tokenize=False)
+    if text.count(boi) != len(grid_i3):
+      raise ValueError(f'the chat template gave {text.count(boi)} {boi} placeholders for '
+                       f'{len(grid_i3)} images; check the tokenizer\'s chat template')
+    text = text.replace(boi, f'\n\n{boi}{img * self.mm_tokens}{eoi}\n\n')
+    return np.asarray(tok(text, add_special_tokens=False)['input_ids'], np.int64)
+
+
+# LLaVA-1.5's conversation format (llava-hf's chat template renders a user turn with one image
+# as exactly this); used when the folder ships no chat template. No <s>: the tokenizer adds it.
+LLAVA_PROMPT = 'USER: {images}\n{prompt} ASSISTANT:'
+
+
+class LlavaPreprocessor:
+  """LLaVA-1.5 inputs without torch: CLIP preprocessing (shortest edge to image_size by PIL
+  bicubic, centre crop, rescale, normalise with preprocessor_config.json's mean/std) ->
+  (pixel_values [B, 3, S, S] float32, grid [B, 3] = (1, S/p, S/p)); prompts -> token ids with
+  each `<image>` expanded to one token per image feature, as LlavaProcessor does ((S/p)^2 with
+  the 'default' strategy, + 1 with 'full').
+
+  Token order (rows of `vision/block_i`): CLS first (row/col -1), then the patch grid
+  row-major; `vision/projector` / text image tokens: the patch grid row-major (no CLS with
+  'default').
+  """
+
+  def __init__(self, folder: str, image_size: int = 0):
+    from csae_jax.vlms import hf  # pylint: disable=g-import-not-at-top
+    config = hf.read_config(folder)
+    pp = _read_json(folder, 'preprocessor_config.json', 'its image mean/std and crop size')
+    vision = config.get('vision_config') or {}
+    self.folder = folder
+    self.model_size = int(vision.get('image_size', 336))
+    self.patch = int(vision.get('patch_size', 14))
+    if image_size not in (0, self.model_size):
+      raise ValueError(f'image_size={image_size}: LLaVA\'s CLIP tower takes '
+                       f'{self.model_size}x{self.model_size} images only; pass 0 (or '
+                       f'{self.model_size})')
+    self.image_size = self.model_size
+    self.full = config.get('vision_feature_select_strategy', 'default') == 'full'
+    self.image_token_id = int(config.get('image_token_index', 32000))
+    self.rescale = float(pp.get('rescale_factor', 1 / 255)) if pp.get('do_rescale', True) else None
+    self.mean = np.asarray(pp.get('image_mean', [0.48145466, 0.4578275, 0.40821073]), np.float32)
+    self.std = np.asarray(pp.get('image_std', [0.26862954, 0.26130258, 0.27577711]), np.float32)
+    self.normalize = bool(pp.get('do_normalize', True))
+    self._tokenizer = None
+
+  @property
+  def grid_hw(self) -> tuple[int, int]:
+    n = self.image_size // self.patch
+    return n, n
+
+  def patch_positions(self) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) of each `vision/block_i` token: CLS (-1, -1), then the grid row-major."""
+    r, c = np.divmod(np.arange(self.grid_hw[0] * self.grid_hw[1]), self.grid_hw[1])
+    return np.concatenate([[-1], r]), np.concatenate([[-1], c])
+
+  def merged_positions(self) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) of each projector token / image token of the text."""
+    r, c = self.patch_positions()
+    return (r, c) if self.full else (r[1:], c[1:])
+
+  def resize(self, image: Image.Image) -> np.ndarray:
+    """Shortest edge to S (bicubic; the long edge int(S * long / short), as HF), centre crop."""
+    s = self.image_size
+    image = image.convert('RGB')
+    w, h = image.size
+    nw, nh = (s, int(s * h / w)) if w <= h else (int(s * w / h), s)
+    x = np.asarray(image.resize((nw, nh), Image.Resampling.BICUBIC))
+    top, left = (nh - s) // 2, (nw - s) // 2
+    return x[top:top + s, left:left + s]
+
+  def patchify(self, images_bss3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Resized uint8 [B, S, S, 3] -> (pixel_values [B, 3, S, S] float32, grid [B, 3])."""
+    x = images_bss3.astype(np.float32)
+    if self.rescale is not None:
+      x = x * np.float32(self.rescale)
+    if self.normalize:
+      x = (x - self.mean) / self.std
+    g = self.grid_hw[0]
+    return (np.ascontiguousarray(x.transpose(0, 3, 1, 2)),
+            np.tile(np.array([[1, g, g]], np.int64), (len(x), 1)))
+
+  def images(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
+    return self.patchify(np.stack([self.resize(im) for im in images]))
+
+  @property
+  def tokenizer(self):
+    if self._tokenizer is None:
+      self._tokenizer = _load_tokenizer(self.folder)
+    return self._tokenizer
+
+  def prompt_ids(self, grid_i3: np.ndarray, prompt: str = DEFAULT_PROMPT) -> np.ndarray:
+    """Token ids of a user turn with the images then the prompt, ready for the answer."""
+    tok = self.tokenizer
+    marker = tok.convert_ids_to_tokens(self.image_token_id)
+    if getattr(tok, 'chat_template', None):
+      content = [{'type': 'image'} for _ in grid_i3] + [{'type': 'text', 'text': prompt}]
+      text = tok.apply_chat_template([{'role': 'user', 'content': content}],
+                                     add_generation_prompt=True, tokenize=False)
+    else:
+      text = LLAVA_PROMPT.format(images=marker * len(grid_i3), prompt=prompt)
+    if text.count(marker) != len(grid_i3):
+      raise ValueError(f'the prompt has {text.count(marker)} {marker} placeholders for '
+                       f'{len(grid_i3)} images; check the tokenizer\'s chat template')
+    n = self.grid_hw[0] * self.grid_hw[1] + self.full
+    return np.asarray(tok(text.replace(marker, marker * n))['input_ids'], np.int64)

@@ -235,6 +235,17 @@ class Qwen3VL(nnx.Module):
     return _forward(graphdef, state, ids, pixel_values, pos, vidx, leaves, grid=grid, edits=e,
                     sites=s)
 
+  def vision_forward(self, pixel_values, grid_thw, *, edits: Optional[Edits] = None,
+                     sites: Optional[Collection[str]] = None) -> dict[str, jax.Array]:
+    """Vision sites only (the tower stops at the last one asked for): what harvesting vision
+    sites runs; the common port interface (Gemma-3, LLaVA have it too). The tower checks the
+    site names (its error lists the vision sites)."""
+    graphdef, state = nnx.split(self.visual)
+    return vision_lib.forward(graphdef, state, pixel_values,
+                              grid_thw=vision_lib.static_grid(grid_thw),
+                              edits=vision_lib.static_edits(edits),
+                              sites=None if sites is None else tuple(sites))
+
   def generate(self, input_ids, pixel_values=None, grid_thw=None, max_new_tokens: int = 16, *,
                edits: Optional[Edits] = None,
                eos_token_id: Optional[int | Sequence[int]] = None,

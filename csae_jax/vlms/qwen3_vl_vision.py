@@ -45,13 +45,7 @@ from csae_jax.vlms import hf, layers
 Grid = tuple[tuple[int, int, int], ...]
 Edits = Mapping[str, Callable[[jax.Array], jax.Array]]
 
-_ACTS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    'gelu_pytorch_tanh': functools.partial(jax.nn.gelu, approximate=True),
-    'gelu_new': functools.partial(jax.nn.gelu, approximate=True),
-    'gelu': functools.partial(jax.nn.gelu, approximate=False),
-    'quick_gelu': lambda x: x * jax.nn.sigmoid(1.702 * x),
-    'silu': jax.nn.silu,
-}
+_ACTS = layers.ACTS  # shared with the other ports
 
 
 @dataclasses.dataclass(frozen=True)

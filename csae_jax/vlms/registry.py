@@ -27,6 +27,9 @@ class Port:
   # are the image's embedding by default, and whether its first token is a CLS token (pool='cls').
   embedding_site: str = ''
   cls_token: bool = False
+  # image_size 0 in a harvest / steering config means this (0: the checkpoint's own size, for
+  # towers that take one size only).
+  default_image_size: int = 256
 
 
 PORTS = {
@@ -35,11 +38,25 @@ PORTS = {
     # language model receives as the image: the nearest thing to an image embedding Qwen3-VL
     # has. It has no CLS token, so its tokens are mean-pooled.
     'qwen3-vl': Port('qwen3-vl', 'vision/block_23', embedding_site='vision/merger'),
+    # Gemma-3-4B's SigLIP tower has 27 layers: block 26 is its last (before post_layernorm).
+    # Embedding: the projector's pooled tokens (what the language model receives).
+    'gemma-3': Port('gemma-3', 'vision/block_26', embedding_site='vision/projector',
+                    default_image_size=0),
+    # LLaVA-1.5's CLIP ViT-L/14-336 has 24 layers; the language model reads layer 22's output
+    # (vision_feature_layer -2), the paper-style site. Embedding: the CLS token of that layer.
+    'llava-1.5': Port('llava-1.5', 'vision/block_22', embedding_site='vision/block_22',
+                      cls_token=True, default_image_size=0),
 }
 
 CHECKPOINTS = {
     'qwen3-vl-4b-instruct': Checkpoint('qwen3-vl-4b-instruct', 'qwen3-vl',
                                        'Qwen/Qwen3-VL-4B-Instruct', 'vision/block_23', 256),
+    'gemma-3-4b-it': Checkpoint('gemma-3-4b-it', 'gemma-3', 'google/gemma-3-4b-it',
+                                'vision/block_26', 896),
+    'llava-1.5-7b': Checkpoint('llava-1.5-7b', 'llava-1.5', 'llava-hf/llava-1.5-7b-hf',
+                               'vision/block_22', 336),
+    'llava-1.5-13b': Checkpoint('llava-1.5-13b', 'llava-1.5', 'llava-hf/llava-1.5-13b-hf',
+                                'vision/block_22', 336),
 }
 
 
@@ -61,4 +78,24 @@ def load(port: Port, folder: str, *, dtype: str = 'float32', mesh=None):
   if port.name == 'qwen3-vl':
     from csae_jax.vlms import qwen3_vl  # pylint: disable=g-import-not-at-top
     return qwen3_vl.Qwen3VL.from_pretrained(folder, dtype=jnp.dtype(dtype), mesh=mesh)
+  if port.name == 'gemma-3':
+    from csae_jax.vlms import gemma3  # pylint: disable=g-import-not-at-top
+    return gemma3.Gemma3.from_pretrained(folder, dtype=jnp.dtype(dtype), mesh=mesh)
+  if port.name == 'llava-1.5':
+    from csae_jax.vlms import llava  # pylint: disable=g-import-not-at-top
+    return llava.Llava.from_pretrained(folder, dtype=jnp.dtype(dtype), mesh=mesh)
   raise ValueError(f'no loader for port {port.name!r}')
+
+
+def preprocessor(port: Port, folder: str, image_size: int = 0):
+  """The port's preprocessor (resize, patchify, prompt_ids, token grid positions); image_size 0
+  = the port's default."""
+  from csae_jax.vlms import preprocess  # pylint: disable=g-import-not-at-top
+  if port.name == 'qwen3-vl':
+    return preprocess.Qwen3VLPreprocessor(folder, image_size=image_size or
+                                          port.default_image_size)
+  if port.name == 'gemma-3':
+    return preprocess.Gemma3Preprocessor(folder, image_size=image_size)
+  if port.name == 'llava-1.5':
+    return preprocess.LlavaPreprocessor(folder, image_size=image_size)
+  raise ValueError(f'no preprocessor for port {port.name!r}')

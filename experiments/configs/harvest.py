@@ -9,8 +9,9 @@ manifest.json), usable directly as `--config.data.path` of experiments/configs/c
 Resumable: the same command after an interruption continues at the first unfinished chunk.
 
 Sites: vision/block_{i} (output of vision block i, every patch token), vision/merger (merged image
-tokens entering the language model), vision/deepstack_{j}, text/layer_{i} (residual stream after
-decoder layer i; image-token positions, or every token with all_tokens=True).
+tokens entering the language model), vision/deepstack_{j} (Qwen3-VL), vision/projector (Gemma-3:
+the pooled, projected image tokens), text/layer_{i} (residual stream after decoder layer i;
+image-token positions, or every token with all_tokens=True).
 """
 
 import ml_collections
@@ -21,7 +22,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f'unknown config variant {arg!r}; harvest.py has none')
   c = ml_collections.ConfigDict()
   c.stage = 'harvest'
-  # A port ('qwen3-vl') or a named checkpoint of csae_jax.vlms.registry (e.g.
+  # A port ('qwen3-vl', 'gemma-3') or a named checkpoint of csae_jax.vlms.registry (e.g.
   # 'qwen3-vl-4b-instruct', which also sets the default site and image size).
   c.model = 'qwen3-vl'
   c.model_path = ''        # local HF checkpoint folder (config.json, *.safetensors, tokenizer, ...)
@@ -29,7 +30,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data_dir = ''          # TFDS: the data_dir where the dataset is prepared (no download)
   c.split = 'train'        # TFDS split
   c.sites = ''             # comma-separated; '' = the model's default (Qwen3-VL-4B: vision/block_23)
-  c.image_size = 256       # every image resized to image_size x image_size (the paper: 256)
+  # every image resized to image_size x image_size; 0 = the port's default (Qwen3-VL: 256, the
+  # paper's; Gemma-3: the checkpoint's vision_config.image_size, the only size its tower takes)
+  c.image_size = 0
   c.prompt = 'Describe the image content accurately.'  # text sites: the user prompt (paper's)
   c.all_tokens = False     # text sites: keep every token, not only the image tokens
   c.batch_size = 8         # images per jitted forward
