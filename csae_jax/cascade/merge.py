@@ -282,7 +282,8 @@ def dissolve_or_merge_to(rows_rd: Float[np.ndarray, 'r d'], labels_r: Int[np.nda
   weak.sort(key=lambda c: (coh[c], c))
   drop = weak[:len(ids) - max_concepts]
   if not merge and len(ids) - len(drop) > max_concepts:
-    rest = sorted((c for c in ids if c not in set(drop)), key=lambda c: (mass[c], c))
+    dropped = set(drop)
+    rest = sorted((c for c in ids if c not in dropped), key=lambda c: (mass[c], c))
     drop += rest[:len(ids) - len(drop) - max_concepts]
   labels_r[np.isin(labels_r, drop)] = -1
   info['dissolved'] = len(drop)

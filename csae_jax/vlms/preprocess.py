@@ -164,18 +164,8 @@ class Gemma3Preprocessor:
   """
 
   def __init__(self, folder: str, image_size: int = 0):
-    from csae_jax.vlms import hf  # pylint: disable=g-import-not-at-top
-    config = hf.read_config(folder)
-    pp = _read_json(folder, 'preprocessor_config.json', 'its image mean/std and size')
-    vision = config.get('vision_config') or {}
-    self.folder = folder
-    self.model_size = int(vision.get('image_size', 896))
-    self.patch = int(vision.get('patch_size', 14))
-    if image_size not in (0, self.model_size):
-      raise ValueError(f'image_size={image_size}: Gemma-3\'s vision tower takes '
-                       f'{self.model_size}x{self.model_size} images only; pass 0 (or '
-                       f'{self.model_size})')
-    self.image_size = self.model_size
+    config, pp, vision = _fixed_size_tower(self, folder, image_size, 896,
+                                           "Gemma-3's vision tower", 'its image mean/std and size')
     self.mm_tokens = int(config.get('mm_tokens_per_image', 256))
     self.pooled_side = int(round(self.mm_tokens ** 0.5))
     self.rescale = float(pp.get('rescale_factor', 1 / 255)) if pp.get('do_rescale', True) else None
@@ -261,18 +251,8 @@ class LlavaPreprocessor:
   """
 
   def __init__(self, folder: str, image_size: int = 0):
-    from csae_jax.vlms import hf  # pylint: disable=g-import-not-at-top
-    config = hf.read_config(folder)
-    pp = _read_json(folder, 'preprocessor_config.json', 'its image mean/std and crop size')
-    vision = config.get('vision_config') or {}
-    self.folder = folder
-    self.model_size = int(vision.get('image_size', 336))
-    self.patch = int(vision.get('patch_size', 14))
-    if image_size not in (0, self.model_size):
-      raise ValueError(f'image_size={image_size}: LLaVA\'s CLIP tower takes '
-                       f'{self.model_size}x{self.model_size} images only; pass 0 (or '
-                       f'{self.model_size})')
-    self.image_size = self.model_size
+    config, pp, vision = _fixed_size_tower(self, folder, image_size, 336, "LLaVA's CLIP tower",
+                                           'its image mean/std and crop size')
     self.full = config.get('vision_feature_select_strategy', 'default') == 'full'
     self.image_token_id = int(config.get('image_token_index', 32000))
     self.rescale = float(pp.get('rescale_factor', 1 / 255)) if pp.get('do_rescale', True) else None
@@ -341,3 +321,22 @@ class LlavaPreprocessor:
                        f'{len(grid_i3)} images; check the tokenizer\'s chat template')
     n = self.grid_hw[0] * self.grid_hw[1] + self.full
     return np.asarray(tok(text.replace(marker, marker * n))['input_ids'], np.int64)
+
+
+def _fixed_size_tower(pre, folder: str, image_size: int, default_size: int, tower: str,
+                      wants: str) -> tuple[dict, dict, dict]:
+  """Reads the checkpoint's config and preprocessor_config.json for a tower that takes one
+  image size only; sets pre.folder / model_size / patch / image_size and refuses any other
+  image_size. Returns (config, preprocessor config, vision config)."""
+  from csae_jax.vlms import hf  # pylint: disable=g-import-not-at-top
+  config = hf.read_config(folder)
+  pp = _read_json(folder, 'preprocessor_config.json', wants)
+  vision = config.get('vision_config') or {}
+  pre.folder = folder
+  pre.model_size = int(vision.get('image_size', default_size))
+  pre.patch = int(vision.get('patch_size', 14))
+  if image_size not in (0, pre.model_size):
+    raise ValueError(f'image_size={image_size}: {tower} takes {pre.model_size}x'
+                     f'{pre.model_size} images only; pass 0 (or {pre.model_size})')
+  pre.image_size = pre.model_size
+  return config, pp, vision
