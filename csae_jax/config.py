@@ -108,6 +108,12 @@ class SAEConfig:
   merge_z: float = 3.0
   merge_floor: float = 0.5
   refine: bool = True
+  # Rows whose nearest other row is no closer than a random direction's nearest typically is
+  # (this quantile of that cosine, merge.isolated_rows) join no concept; 0 = every row joins.
+  isolate_q: float = 0.5
+  # After the merge, a concept whose two halves (2-means) the merge would keep apart is split
+  # (merge.split_labels): a level-2 latent can hold two correlated concepts.
+  split: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,8 +2,10 @@
 
 1. assign: parent(j) = argmax of the level-2 encoder on row j (the paper's rule), -1 below
    `assign_threshold`;
+   Rows with no sibling among the rows (isolate_q, merge.isolated_rows) join no concept.
 2. merge (merge_ratio > 0): fragments of one concept, which surplus level-2 latents produce,
-   are merged (merge.py: cross / within similarity of the members);
+   are merged (merge.py: cross / within similarity of the members); then concepts whose
+   halves the merge would keep apart are split (split, merge.split_labels);
 3. refine: each row moves to the concept whose members it is most similar to, then fragments
    that refinement made similar are merged again;
 4. cap: at most n_latents concepts; beyond that, concepts that show no grouping (singletons,
@@ -57,6 +59,10 @@ def build(params2: dict, rows_rd: np.ndarray, alive_ids: np.ndarray,
   _, rep_g, inverse_r = np.unique(group_r, return_index=True, return_inverse=True)
   rows_g, labels_g = unit_rd[rep_g], parent_r[rep_g]
   info['level2/duplicate_rows'] = int(len(unit_rd) - len(rep_g))
+  if s2.isolate_q:
+    iso_g = merge.isolated_rows(rows_g, s2.isolate_q)
+    labels_g = np.where(iso_g, -1, labels_g)
+    info['level2/isolated_rows'] = int(iso_g.sum())
   merges = 0
   max_z = s2.merge_z or None
   # with the z-test, the band [merge_floor, merge_ratio) merges unless measurably distinct
@@ -65,8 +71,11 @@ def build(params2: dict, rows_rd: np.ndarray, alive_ids: np.ndarray,
   if s2.merge_ratio:
     labels_g, m = merge.merge_labels(rows_g, labels_g, floor, **band)
     merges += len(m['ratios'])
+    if s2.split:
+      labels_g, info['level2/splits'] = merge.split_labels(rows_g, labels_g, floor, **band)
   if s2.refine:
-    labels_g, moved = merge.refine_labels(rows_g, labels_g, s2.merge_ratio or 1.0)
+    labels_g, moved = merge.refine_labels(rows_g, labels_g, s2.merge_ratio or 1.0,
+                                         eject_unrelated=not s2.isolate_q)
     info['level2/rows_moved'] = moved
     if s2.merge_ratio:
       labels_g, m = merge.merge_labels(rows_g, labels_g, floor, **band)

@@ -24,6 +24,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse
 import scipy.sparse.csgraph
+import scipy.stats
+import sklearn.cluster
 from jaxtyping import Float, Int
 
 _BLOCK = 1024  # concepts per block of the ratio matrix (memory: block x c)
@@ -93,20 +95,8 @@ def merge_labels(rows_rd: Float[np.ndarray, 'r d'], labels_r: Int[np.ndarray, 'r
     """[len(q), c] ratio of cross to pooled within similarity, concepts q x every concept."""
     wsum_c, wpairs_c = _within(s_cd, n_c)
     ref = _reference(wsum_c, wpairs_c, active_c)
-    pooled_pairs = wpairs_c[q_idx, None] + wpairs_c[None, :]
-    pooled = np.where(pooled_pairs > 0, (wsum_c[q_idx, None] + wsum_c[None, :])
-                      / np.maximum(pooled_pairs, 1), ref)
-    cross = (s_cd[q_idx] @ s_cd.T) / np.maximum(n_c[q_idx, None] * n_c[None, :], 1)
-    with np.errstate(invalid='ignore'):
-      r = np.where(pooled > 1e-9, cross / np.maximum(pooled, 1e-9), -np.inf)
-    if max_z is not None and sigma > 0:
-      # Distinct concepts can reach the ratio by chance when they are small; with enough members
-      # their cross similarity is measurably below their within similarity. Standard error of
-      # (within - cross) from the pooled spread of pair cosines (pairs as independent draws).
-      n_pairs = np.maximum(pooled_pairs / 2, 1)
-      se = sigma * np.sqrt(1 / np.maximum(n_c[q_idx, None] * n_c[None, :], 1) + 1 / n_pairs)
-      distinct = (pooled - cross) / se > max_z
-      r = np.where(distinct & np.isfinite(r) & (r < z_below), r - _DEMOTE, r)
+    r, distinct = _pair_ratio(s_cd[q_idx], n_c[q_idx], s_cd, n_c, ref, sigma, max_z)
+    r = np.where(distinct & np.isfinite(r) & (r < z_below), r - _DEMOTE, r)
     r[:, ~active_c] = -np.inf
     r[np.arange(len(q_idx)), q_idx] = -np.inf
     return r
@@ -153,6 +143,71 @@ def merge_labels(rows_rd: Float[np.ndarray, 'r d'], labels_r: Int[np.ndarray, 'r
   return out, info
 
 
+def _pair_ratio(s_qd, n_q, s_cd, n_c, ref: float, sigma: float, max_z: float | None
+                ) -> tuple[np.ndarray, np.ndarray]:
+  """(ratio [q, c] of cross to pooled within similarity, distinct [q, c]) for concepts q x c
+  given member sums s and sizes n. ref: the pooled within of two singletons. distinct: within
+  exceeds cross by more than max_z standard errors (all False without max_z or spread)."""
+  wsum_q, wpairs_q = _within(s_qd, n_q)
+  wsum_c, wpairs_c = _within(s_cd, n_c)
+  pooled_pairs = wpairs_q[:, None] + wpairs_c[None, :]
+  pooled = np.where(pooled_pairs > 0, (wsum_q[:, None] + wsum_c[None, :])
+                    / np.maximum(pooled_pairs, 1), ref)
+  cross = (s_qd @ s_cd.T) / np.maximum(n_q[:, None] * n_c[None, :], 1)
+  with np.errstate(invalid='ignore'):
+    r = np.where(pooled > 1e-9, cross / np.maximum(pooled, 1e-9), -np.inf)
+  distinct = np.zeros(r.shape, bool)
+  if max_z is not None and sigma > 0:
+    # Distinct concepts can reach the ratio by chance when they are small; with enough members
+    # their cross similarity is measurably below their within similarity. Standard error of
+    # (within - cross) from the pooled spread of pair cosines (pairs as independent draws).
+    n_pairs = np.maximum(pooled_pairs / 2, 1)
+    se = sigma * np.sqrt(1 / np.maximum(n_q[:, None] * n_c[None, :], 1) + 1 / n_pairs)
+    distinct = (pooled - cross) / se > max_z
+  return r, distinct
+
+
+def split_labels(rows_rd: Float[np.ndarray, 'r d'], labels_r: Int[np.ndarray, 'r'],
+                 min_ratio: float, max_z: float | None = None, z_below: float = np.inf,
+                 min_part: int = 2, seed: int = 0) -> tuple[np.ndarray, int]:
+  """Splits concepts that hold two concepts the merge would keep apart.
+
+  A level-2 latent can take two correlated concepts at once (and a merge of fragments that each
+  hold a little of both joins them), and no merge undoes that. Each concept is bisected
+  (2-means of its members' unit rows); the split stands when merge_labels would not merge the
+  two halves back (same ratio, floor and z-test), and the halves are bisected in turn. Halves
+  smaller than min_part are not tried. Returns (labels_r with new ids for split-off parts,
+  number of splits)."""
+  rows_rd = np.asarray(rows_rd, np.float64)
+  rows_rd = rows_rd / np.maximum(np.linalg.norm(rows_rd, axis=1, keepdims=True), 1e-12)
+  labels_r = np.asarray(labels_r, np.int64).copy()
+  sigma = pair_spread(rows_rd, labels_r) if max_z is not None else 0.0
+  queue = [int(c) for c in np.unique(labels_r[labels_r >= 0])]
+  next_id = int(labels_r.max()) + 1 if len(queue) else 0
+  splits = 0
+  while queue:
+    c = queue.pop()
+    (idx,) = np.nonzero(labels_r == c)
+    if len(idx) < 2 * min_part:
+      continue
+    part = sklearn.cluster.KMeans(2, n_init=4, random_state=seed).fit_predict(rows_rd[idx])
+    a, b = idx[part == 0], idx[part == 1]
+    if min(len(a), len(b)) < min_part:
+      continue
+    s_a, s_b = rows_rd[a].sum(0)[None], rows_rd[b].sum(0)[None]
+    n_a, n_b = np.array([len(a)], np.float64), np.array([len(b)], np.float64)
+    r, distinct = _pair_ratio(s_a, n_a, s_b, n_b, np.nan, sigma, max_z)
+    r, distinct = float(r[0, 0]), bool(distinct[0, 0])
+    merges = r >= z_below or (r >= min_ratio and not distinct)
+    if merges:
+      continue
+    labels_r[b] = next_id
+    queue += [c, next_id]
+    next_id += 1
+    splits += 1
+  return labels_r, splits
+
+
 def _reference(wsum_c, wpairs_c, active_c) -> float:
   """Median within-pair similarity of the concepts that have pairs: the reference of a merge
   of two singletons (nan when no concept has two members)."""
@@ -169,14 +224,18 @@ def chance_similarity(d: int, n_others: np.ndarray, z: float = CHANCE_Z) -> np.n
 
 
 def refine_labels(rows_rd: Float[np.ndarray, 'r d'], labels_r: Int[np.ndarray, 'r'],
-                  min_ratio: float, iters: int = 10) -> tuple[np.ndarray, int]:
+                  min_ratio: float, iters: int = 10, eject_unrelated: bool = True
+                  ) -> tuple[np.ndarray, int]:
   """Moves each row to the concept its members are most similar to (mean cosine to the
   concept's other members, the same average-linkage similarity the merge uses), k-means style,
   until no row moves.
   - A row no more similar to its concept's other members than to unrelated directions
     (`chance_similarity`) leaves it for a concept of its own: the argmax of a level-2 SAE gives
     every row some concept, and unrelated members would dilute the within similarity the merge
-    compares against (a diluted concept would absorb its neighbours).
+    compares against (a diluted concept would absorb its neighbours). eject_unrelated=False
+    turns this off: with isolated rows left out beforehand (isolated_rows), ejecting split
+    whole concepts in noisy families (robustness suite: noise_anisotropic 0.83 -> 0.98 ARI
+    without it).
   - A row leaves a singleton only for a concept it would have merged with (mean cosine >=
     min_ratio x that concept's within similarity), so unrelated rows stay alone.
   Returns (labels_r, rows moved in all). Unassigned rows (-1) stay unassigned; concepts that
@@ -215,7 +274,7 @@ def refine_labels(rows_rd: Float[np.ndarray, 'r d'], labels_r: Int[np.ndarray, '
                     best_score > own_score)
       change = ok & (best != own)
       unrelated = ~alone & (np.maximum(own_score, best_score)
-                            < chance_similarity(d, n_c[own] - 1))
+                            < chance_similarity(d, n_c[own] - 1)) & eject_unrelated
       eject[lo:lo + _BLOCK] = unrelated
       new_idx[lo:lo + _BLOCK] = np.where(change, best, own)
       moved += int((change | unrelated).sum())
@@ -293,3 +352,31 @@ def dissolve_or_merge_to(rows_rd: Float[np.ndarray, 'r d'], labels_r: Int[np.nda
                                max_z=max_z)
     info['forced_merges'] = before - len(np.unique(labels_r[labels_r >= 0]))
   return labels_r, info
+
+
+def nearest_chance(d: int, r: int, quantile: float) -> float:
+  """The `quantile` of the cosine of a random unit direction in d dimensions to its nearest of
+  r - 1 other random directions: each cosine is ~ N(0, 1/d), so P(max < t) = Phi(t sqrt(d))^(r-1)."""
+  m = max(r - 1, 1)
+  return float(scipy.stats.norm.ppf(quantile ** (1.0 / m)) / np.sqrt(d))
+
+
+def isolated_rows(rows_rd: Float[np.ndarray, 'r d'], quantile: float) -> np.ndarray:
+  """[r] bool: rows no closer to their nearest other row than a random direction typically is
+  to its nearest (`nearest_chance` at `quantile`). Such a row has no sibling among the rows, so
+  no concept can hold it; kept in, it dilutes the concept the level-2 argmax put it in (noise
+  features of a low-SNR level 1 tile the space more evenly than random directions, and a
+  concept of them has near-zero within similarity, which makes every merge ratio with it
+  large: robustness suite, low_snr / overcomplete_8). Copies of one feature should be grouped
+  (near_duplicate_groups) before: a copy is not a sibling."""
+  u = np.asarray(rows_rd, np.float64)
+  u = u / np.maximum(np.linalg.norm(u, axis=1, keepdims=True), 1e-12)
+  r, d = u.shape
+  if r < 2 or quantile <= 0:
+    return np.zeros(r, bool)
+  near_r = np.empty(r)
+  for lo in range(0, r, _BLOCK):
+    c_br = u[lo:lo + _BLOCK] @ u.T
+    c_br[np.arange(len(c_br)), lo + np.arange(len(c_br))] = -np.inf
+    near_r[lo:lo + _BLOCK] = c_br.max(axis=1)
+  return near_r < nearest_chance(d, r, quantile)

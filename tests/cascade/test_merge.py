@@ -3,6 +3,7 @@ concepts do not, unassigned rows stay unassigned, and a concept cap forces the b
 
 import numpy as np
 import pytest
+import sklearn.metrics
 
 from csae_jax.cascade import merge
 
@@ -132,3 +133,47 @@ def test_z_tested_band_merges_fragments_below_the_ratio_but_not_distinct_concept
   # above z_below the z-test is not asked: the correlated pairs merge by their ratio
   fused, _ = merge.merge_labels(rows, parent_r, min_ratio=0.5, max_z=merge.MAX_Z, z_below=0.7)
   assert len(np.unique(fused)) == 3
+
+
+def _family(rng, n_parents, n_children, d, child_cos, parent_corr=0.0):
+  """Unit child rows of n_parents parents (optionally correlated), parent-major."""
+  base = rng.normal(size=(1, d))
+  parents = rng.normal(size=(n_parents, d)) + np.sqrt(parent_corr / (1 - parent_corr + 1e-9)) * base * (parent_corr > 0)
+  parents /= np.linalg.norm(parents, axis=1, keepdims=True)
+  rows = []
+  for p in parents:
+    noise = rng.normal(size=(n_children, d))
+    noise -= noise @ p[:, None] * p[None]
+    noise /= np.linalg.norm(noise, axis=1, keepdims=True)
+    rows.append(child_cos * p + np.sqrt(1 - child_cos ** 2) * noise)
+  return np.concatenate(rows), np.repeat(np.arange(n_parents), n_children)
+
+
+def test_isolated_rows_flags_rows_without_a_sibling_and_keeps_siblings():
+  rng = np.random.default_rng(0)
+  d = 96
+  children, _ = _family(rng, 8, 5, d, 0.6)
+  # noise features that tile the space: orthogonal to each other and to the children's span
+  q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+  span = np.linalg.qr(children.T)[0]
+  comp = q[:, :40] - span @ (span.T @ q[:, :40])
+  comp = np.linalg.qr(comp)[0].T[:30]
+  rows = np.concatenate([children, comp])
+  iso = merge.isolated_rows(rows, 0.5)
+  assert not iso[:40].any()
+  assert iso[40:].mean() > 0.9
+  assert not merge.isolated_rows(rows, 0.0).any()
+
+
+def test_split_labels_separates_two_concepts_in_one_label_and_keeps_one_concept_whole():
+  rng = np.random.default_rng(1)
+  rows, parent = _family(rng, 2, 8, 128, 0.7, parent_corr=0.6)
+  cos_parents = np.corrcoef(rows[parent == 0].mean(0), rows[parent == 1].mean(0))[0, 1]
+  assert 0.3 < cos_parents < 0.95  # correlated, not identical
+  one = np.zeros(len(rows), np.int64)
+  split, n = merge.split_labels(rows, one, 0.5, max_z=3.0, z_below=0.7)
+  assert n == 1
+  assert sklearn.metrics.adjusted_rand_score(parent, split) == 1.0
+  whole, n = merge.split_labels(rows[parent == 0], one[parent == 0], 0.5, max_z=3.0,
+                                z_below=0.7)
+  assert n == 0 and (whole == 0).all()
