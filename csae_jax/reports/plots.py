@@ -29,7 +29,7 @@ def density_histogram(density_n, path: str, title: str = 'feature density') -> s
   ax.set_title(f'{title}: {int((density_n == 0).sum())} dead of {density_n.size}')
   ax.legend(fontsize=8)
   fig.tight_layout()
-  return _save(fig, path)
+  return save(fig, path)
 
 
 def pareto(rows: list[dict], path: str, title: str = 'sweep') -> str:
@@ -46,10 +46,11 @@ def pareto(rows: list[dict], path: str, title: str = 'sweep') -> str:
   ax.set_title(title)
   ax.grid(alpha=0.3)
   fig.tight_layout()
-  return _save(fig, path)
+  return save(fig, path)
 
 
-def _save(fig, path: str) -> str:
+def save(fig, path: str) -> str:
+  """Writes the figure atomically (a reader never sees half a PNG) and closes it."""
   os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
   tmp = path + '.tmp.png'
   fig.savefig(tmp, dpi=110)
@@ -75,4 +76,4 @@ def training_curves(histories: dict[str, list[dict]], path: str) -> str:
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=7)
   fig.tight_layout()
-  return _save(fig, path)
+  return save(fig, path)

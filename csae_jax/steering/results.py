@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import collections
 import difflib
+import json
+import os
 from typing import Optional
 
 import numpy as np
@@ -89,4 +91,32 @@ def table(arms: dict, std: Optional[dict] = None, keys=None) -> str:
       else:
         cells.append(f'{v:.3f}' if isinstance(v, float) else str(v))
     lines.append(f'| {arm} | ' + ' | '.join(cells) + ' |')
+  return '\n'.join(lines)
+
+
+def read_captions(steer_dir: str) -> list[dict]:
+  """The caption records of a steering run (`<workdir>/steer/captions.jsonl`)."""
+  path = os.path.join(steer_dir, 'captions.jsonl')
+  if not os.path.exists(path):
+    raise ValueError(f'{path} is missing: run the steering stage first '
+                     f'(experiments/configs/steer.py)')
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def caption_table(records: list[dict], concept: int, n_images: int = 4) -> str:
+  """Markdown: per image of `concept` (at most n_images), its unsteered caption and the caption
+  of every arm inserting (+) and suppressing (-) the concept."""
+  base = {r['image_id']: r['text'] for r in records if r['arm'] == 'none'}
+  mine = [r for r in records if r['concept'] == concept]
+  cols = sorted({(r['arm'], r['sign']) for r in mine}, key=lambda a: (a[1], a[0]))
+  by = {(r['image_id'], r['arm'], r['sign']): r['text'] for r in mine}
+  images = sorted({r['image_id'] for r in mine})[:n_images]
+  cell = lambda t: '—' if t is None else t.replace('|', '\\|').replace('\n', ' ')
+  lines = ['| image | unsteered | ' + ' | '.join(f'{a} {s}' for a, s in cols) + ' |',
+           '|---|---|' + '---|' * len(cols)]
+  name = {r['image_id']: r.get('image', r['image_id']) for r in mine}
+  for i in images:
+    lines.append(f'| {name[i]} | {cell(base.get(i))} | '
+                 + ' | '.join(cell(by.get((i, a, s))) for a, s in cols) + ' |')
   return '\n'.join(lines)
