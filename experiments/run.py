@@ -7,6 +7,7 @@ same function a Colab or a test calls).
 import datetime
 import json
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -56,8 +57,8 @@ def summary(metrics: dict, workdir: str) -> str:
   return '\n'.join(lines)
 
 
-def _unknown_key_message(argv: list[str]) -> str | None:
-  """Names the first --config.KEY override that the config does not have, with the known keys."""
+def _default_config(argv: list[str]):
+  """(the config file's path, its ConfigDict before overrides), as --config= names them."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   path, variant = os.path.join(os.path.dirname(__file__), 'configs', 'csae.py'), None
   for a in argv:
@@ -66,7 +67,12 @@ def _unknown_key_message(argv: list[str]) -> str | None:
   spec = importlib.util.spec_from_file_location('_cfg', path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  cfg = module.get_config(variant or None)
+  return path, module.get_config(variant or None)
+
+
+def _unknown_key_message(argv: list[str]) -> str | None:
+  """Names the first --config.KEY override that the config does not have, with the known keys."""
+  path, cfg = _default_config(argv)
   for a in argv:
     if not a.startswith('--config.'):
       continue
@@ -82,9 +88,31 @@ def _unknown_key_message(argv: list[str]) -> str | None:
   return None
 
 
-def _fail_on_unknown_key(e: Exception) -> None:
+def _bad_value_message(e: flags.IllegalFlagValueError) -> str:
+  """config_flags reports an ill-typed --config.KEY=VALUE as absl's 'flag ...: invalid literal';
+  say it as config.py does for every other wrong type (key, expected type, value)."""
+  m = re.match(r'flag --config\.([\w.]+)=(.*?): ', str(e))
+  if m is None:
+    return f'bad flag value: {e}'
+  key, value = m.groups()
+  try:
+    node = _default_config(sys.argv)[1]
+    *groups, field = key.split('.')
+    for part in groups:
+      node = node[part]
+    want = node.get_type(field).__name__  # placeholders (None) keep their declared type
+  except Exception:  # pylint: disable=broad-except  (the message stays useful without it)
+    want = 'the documented type'
+  return (f'config key {key!r} must be of type {want}, got {value!r}; set e.g. '
+          f'--config.{key}=<{want}>')
+
+
+def _fail_on_bad_flag(e: Exception) -> None:
   """config_flags reports an unknown --config.KEY as a bare "'foo'"; say which key and why."""
-  message = _unknown_key_message(sys.argv) or f'bad --config override: {e}'
+  if isinstance(e, flags.IllegalFlagValueError):
+    message = _bad_value_message(e)
+  else:
+    message = _unknown_key_message(sys.argv) or f'bad --config override: {e}'
   print(f'error: {message}', file=sys.stderr)
   sys.exit(2)
 
@@ -92,8 +120,8 @@ def _fail_on_unknown_key(e: Exception) -> None:
 def parse_flags(argv: list[str]) -> list[str]:
   try:
     return flags.FLAGS(argv)
-  except (AttributeError, KeyError) as e:
-    _fail_on_unknown_key(e)
+  except (AttributeError, KeyError, flags.IllegalFlagValueError) as e:
+    _fail_on_bad_flag(e)
 
 
 try:  # config_flags applies the default file's overrides here, at definition time
@@ -101,8 +129,8 @@ try:  # config_flags applies the default file's overrides here, at definition ti
       'config', os.path.join(os.path.dirname(__file__), 'configs', 'csae.py'),
       'Experiment config file (get_config(arg) in a .py), with :variant and --config.key=value.',
       lock_config=True)
-except (AttributeError, KeyError) as err:
-  _fail_on_unknown_key(err)
+except (AttributeError, KeyError, flags.IllegalFlagValueError) as err:
+  _fail_on_bad_flag(err)
 
 
 def main(argv):

@@ -41,8 +41,11 @@ def test_cli_errors_are_one_clear_line(tmp_path):
   r = _run('--config.level1.nlatents=5')
   assert r.returncode == 2
   assert "unknown config key 'level1.nlatents'" in r.stderr and 'n_latents' in r.stderr
-  r = _run('--config.train.steps=abc')
-  assert r.returncode != 0 and 'config.train.steps' in r.stderr
+  for bad, want in (('--config.train.steps=abc', 'int'), ('--config.level1.auxk_weight=x', 'float')):
+    r = _run(bad)  # ill-typed values: the same one line as config.py's type errors
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    key = bad.split('=')[0][len('--config.'):]
+    assert f"config key '{key}' must be of type {want}" in r.stderr
   r = _run(f'--config.data.path={tmp_path / "missing"}', f'--workdir={tmp_path / "wd"}')
   assert r.returncode == 2 and 'does not exist' in r.stderr
   assert 'Traceback' not in r.stderr

@@ -90,8 +90,9 @@ def fit(*, stage: ckpt_lib.Stage, mesh: Mesh, levels: dict[str, step_lib.LevelSp
   create = state_lib.create_stacked if stacked else state_lib.create
   state = create(mesh, init_params(), optimizer)
   start = 0
-  if stage.latest_step() is not None:
-    state = stage.restore(state_lib.abstract(state))
+  _, restored = stage.restore_latest(state_lib.abstract(state))  # skips unreadable ones
+  if restored is not None:
+    state = restored
     start = int(np.max(state.step))
   step_fn, trace_count = step_lib.make_step(levels, optimizer, joint)
   hp, hp_sharding = None, None
