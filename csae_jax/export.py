@@ -60,15 +60,21 @@ def load_sae(path: str) -> tuple[dict, float, str, int]:
     return params, float(z['threshold']), str(z['arch']), int(z['k'])
 
 
-def write(export_dir: str, *, level1: dict, level1_threshold: float, level1_arch: str,
-          level1_k: int, scale: float, level2: dict | None, level2_threshold: float = -1.0,
-          level2_arch: str = '', level2_k: int = 0, hierarchy: dict, metrics: dict,
-          level2_decoder_md: np.ndarray | None = None, level2_scale: float = 1.0) -> None:
+def write(export_dir: str, **kw) -> None:
+  """`write_files` on process 0 (one writer); every process returns once the export is whole,
+  so what reads it next (the compare mode's scoring) sees all of it on every host."""
+  if jax.process_index() == 0:
+    write_files(export_dir, **kw)
+  ckpt_lib.barrier(f'export:{export_dir}')
+
+
+def write_files(export_dir: str, *, level1: dict, level1_threshold: float, level1_arch: str,
+                level1_k: int, scale: float, level2: dict | None, level2_threshold: float = -1.0,
+                level2_arch: str = '', level2_k: int = 0, hierarchy: dict, metrics: dict,
+                level2_decoder_md: np.ndarray | None = None, level2_scale: float = 1.0) -> None:
   """level2=None: a method without a level-2 SAE (clustering of decoder rows) gives its concept
   directions as `level2_decoder_md` instead. level2_scale: the scale of level 2's inputs (1 for
   CSAE's unit decoder rows; the input scale for a flat SAE on activations)."""
-  if jax.process_index() != 0:
-    return
   os.makedirs(export_dir, exist_ok=True)
   p1, thr1 = fold_scale(level1, level1_threshold, scale)
   _save_npy(os.path.join(export_dir, 'level1_decoder.npy'), p1['w_dec'])

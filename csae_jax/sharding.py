@@ -46,6 +46,21 @@ def tree_shardings(mesh: Mesh, logical_tree: Any) -> Any:
                       is_leaf=lambda x: isinstance(x, tuple))
 
 
+def process_rows(batch_sharding: NamedSharding, global_rows: int) -> tuple[int, int]:
+  """[start, stop) of the global batch's rows that this process's devices hold (each process
+  reads only those: `put_batch`)."""
+  index = batch_sharding.addressable_devices_indices_map((global_rows, 1))
+  ranges = sorted({(sl[0].start or 0, global_rows if sl[0].stop is None else sl[0].stop)
+                   for sl in index.values()})
+  start, stop = ranges[0]
+  for lo, hi in ranges[1:]:
+    if lo > stop:
+      raise ValueError(f'this process holds rows {ranges} of the batch, not one contiguous '
+                       f'block; set --config.mesh.model to a divisor of the devices per host')
+    stop = max(stop, hi)
+  return start, stop
+
+
 def put_batch(batch_sharding: NamedSharding, local_bd: np.ndarray) -> jax.Array:
   """This process's rows of the global batch -> one global array with `batch_sharding`."""
   return jax.make_array_from_process_local_data(batch_sharding, local_bd)

@@ -155,5 +155,13 @@ def setup(cd_or_cfg, workdir: str):
   if cfg.level1.n_latents % mesh.shape['model'] or cfg.level2.n_latents % mesh.shape['model']:
     raise ValueError(f'level1.n_latents and level2.n_latents must be divisible by mesh.model = '
                      f'{mesh.shape["model"]}')
+  per = cfg.train.batch_size // jax.process_count()
+  rows = sharding.process_rows(sharding.named(mesh, 'batch', 'embed'), cfg.train.batch_size)
+  if rows != (jax.process_index() * per, (jax.process_index() + 1) * per):
+    # the sources hand each process its contiguous 1/process_count of the batch
+    raise ValueError(f'process {jax.process_index()} holds rows {rows} of the batch, not its '
+                     f'{per} rows from {jax.process_index() * per}: the mesh model axis spans '
+                     f'hosts; set --config.mesh.model to a divisor of the devices per host '
+                     f'({jax.local_device_count()})')
   logging.info('resolved config: %s', config_lib.to_dict(cfg))
   return cfg, source, mesh

@@ -15,6 +15,12 @@ from ml_collections import config_flags
 
 _WORKDIR = flags.DEFINE_string('workdir', None,
                                'Where checkpoints and export/ go (default: ./runs/<timestamp>).')
+# Multi-process runs (jax.distributed.initialize). Left unset, JAX detects Cloud TPU VMs, GKE,
+# SLURM and Open MPI (and JAX_COORDINATOR_ADDRESS), so the same plain command runs on every host.
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, "HOST:PORT of process 0's coordinator (same on every process).")
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, "This process's id in [0, num_processes).")
 
 SUMMARY_KEYS = (
     'level1/variance_explained', 'level1/l0', 'level1/dead_frac', 'level1/alive',
@@ -138,9 +144,20 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO; keep the bar readable
     logging.set_verbosity(logging.WARNING)
-  from csae_jax import modes  # pylint: disable=g-import-not-at-top  (fast --help)
+  from csae_jax import distributed  # pylint: disable=g-import-not-at-top  (fast --help)
+  try:  # before anything touches devices
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  except ValueError as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  import jax  # pylint: disable=g-import-not-at-top
+  from csae_jax import modes  # pylint: disable=g-import-not-at-top
   workdir = _WORKDIR.value or os.path.join(
       'runs', datetime.datetime.now().strftime('%Y%m%d-%H%M%S'))
+  if not _WORKDIR.value and jax.process_count() > 1:
+    print('error: a multi-process run needs --workdir (the same shared folder on every host; '
+          'a timestamp would differ between hosts)', file=sys.stderr)
+    sys.exit(2)
   try:
     if _CONFIG.value.get('stage') == 'harvest':
       from csae_jax.sources import harvest  # pylint: disable=g-import-not-at-top
@@ -158,6 +175,9 @@ def main(argv):
   except ValueError as e:  # user mistakes: one clear line, no traceback
     print(f'error: {e}', file=sys.stderr)
     sys.exit(2)
+  if jax.process_index() != 0:  # process 0 writes the exports and prints their summary
+    print(f'process {jax.process_index()} of {jax.process_count()} done')
+    return
   print(summary(metrics, os.path.abspath(workdir)))
   if metrics['mode'] in ('staged', 'joint', 'compare'):
     print(f'\nreport: file://{os.path.abspath(workdir)}/report/index.html')

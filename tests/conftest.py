@@ -17,3 +17,10 @@ import pytest  # noqa: E402
 @pytest.fixture(scope='session')
 def n_devices() -> int:
   return len(jax.devices())
+
+
+@pytest.fixture(scope='session')
+def cli_reference(tmp_path_factory):
+  """The tiny CLI pipeline run once, 1 process with 2 devices: (workdir, copy of its export)."""
+  from tests import cli_runs  # pylint: disable=g-import-not-at-top
+  return cli_runs.reference(tmp_path_factory.mktemp('cli_reference'))

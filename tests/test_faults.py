@@ -2,12 +2,9 @@
 checkpoint fallback's edge cases (in-process, on a tiny state)."""
 
 import glob
-import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -15,14 +12,7 @@ import numpy as np
 import pytest
 
 from csae_jax import checkpoint as ckpt_lib
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# keep 3: steps 20, 40 and 60 of level 1 stay on disk
-ARGS = ['--config=experiments/configs/csae.py:small', '--config.train.steps=60',
-        '--config.train.checkpoint_every=20', '--config.train.keep_checkpoints=3',
-        '--config.train.batch_size=128', '--config.level2.steps=20',
-        '--config.level2.restarts=1', '--config.data.eval_rows=1024']
-ENV = {**os.environ, 'PYTHONPATH': ROOT, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+from tests import cli_runs
 
 # The run, with orbax's final rename (tmp dir -> step dir, the commit) replaced by a SIGKILL at
 # one step of one stage: the process dies inside the save, as on a preemption.
@@ -40,32 +30,8 @@ runpy.run_module('experiments.run', run_name='__main__')
 '''
 
 
-def _run(*args, code=None, env=None):
-  cmd = [sys.executable, '-c', code, *args] if code else [sys.executable, '-m', 'experiments.run',
-                                                          *args]
-  return subprocess.run(cmd, cwd=ROOT, env=env or ENV, capture_output=True, text=True,
-                        timeout=900)
-
-
-@pytest.fixture(scope='module')
-def reference(tmp_path_factory):
-  wd = tmp_path_factory.mktemp('faults') / 'ref'
-  r = _run(*ARGS, f'--workdir={wd}')
-  assert r.returncode == 0, r.stderr[-3000:]
-  saved = wd.parent / 'ref_export'
-  shutil.copytree(wd / 'export', saved)
-  return wd, saved
-
-
-def _same_exports(a, b):
-  for name in ('level1_decoder.npy', 'level2_decoder.npy'):
-    np.testing.assert_array_equal(np.load(a / name), np.load(b / name))
-  assert json.loads((a / 'hierarchy.json').read_text()) == json.loads(
-      (b / 'hierarchy.json').read_text())
-
-
-def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(reference, tmp_path):
-  ref_wd, ref_export = reference
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(cli_reference, tmp_path):
+  ref_wd, ref_export = cli_reference
   wd = tmp_path / 'wd'
   shutil.copytree(ref_wd, wd)
   # flip bytes in the largest data file of level 1's newest checkpoint (orbax itself restores
@@ -75,33 +41,37 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(reference, tmp
   raw = bytearray(open(data, 'rb').read())
   raw[len(raw) // 2:len(raw) // 2 + 64] = bytes(b ^ 0xFF for b in raw[len(raw) // 2:][:64])
   open(data, 'wb').write(raw)
-  r = _run(*ARGS, f'--workdir={wd}')
+  kept = cli_runs.commit_record(wd, 'level1', 40)
+  r = cli_runs.run(f'--workdir={wd}')
   assert r.returncode == 0, r.stderr[-3000:]
   assert 'Traceback' not in r.stderr
+  assert cli_runs.commit_record(wd, 'level1', 40) == kept
   warning = [line for line in r.stderr.splitlines() if 'unreadable' in line]
   assert len(warning) == 1, r.stderr[-3000:]
   assert 'step 60' in warning[0] and os.path.relpath(data, wd / 'level1' / 'ckpt' / '60') in \
       warning[0] and 'resumed from step 40' in warning[0]
   assert len(os.listdir(wd / 'level1' / 'unreadable')) == 1  # kept for inspection
   assert ckpt_lib.verify_checksums(str(wd / 'level1' / 'ckpt' / '60')) == ''  # saved again
-  _same_exports(ref_export, wd / 'export')  # steps 41..60 retrained to the same result
+  cli_runs.same_exports(ref_export, wd / 'export')  # steps 41..60 retrained to the same result
 
 
-def test_kill_inside_a_save_leaves_nothing_a_restart_picks(reference, tmp_path):
-  _, ref_export = reference
+def test_kill_inside_a_save_leaves_nothing_a_restart_picks(cli_reference, tmp_path):
+  _, ref_export = cli_reference
   wd = tmp_path / 'wd'
-  r = _run(*ARGS, f'--workdir={wd}', code=KILL_IN_SAVE,
-           env={**ENV, 'CSAE_KILL_AT': os.path.join('level1', 'ckpt', '40')})
+  r = cli_runs.run(f'--workdir={wd}', code=KILL_IN_SAVE,
+                   env_=cli_runs.env(CSAE_KILL_AT=os.path.join('level1', 'ckpt', '40')))
   assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
   ckpt = wd / 'level1' / 'ckpt'
   assert (ckpt / '20').exists()
   partial = [n for n in os.listdir(ckpt) if n.startswith('40.orbax-checkpoint-tmp')]
   assert len(partial) == 1 and not (ckpt / '40').exists()  # the half-written save is there
-  again = _run(*ARGS, f'--workdir={wd}')
+  kept = cli_runs.commit_record(wd, 'level1', 20)
+  again = cli_runs.run(f'--workdir={wd}')
+  assert cli_runs.commit_record(wd, 'level1', 20) == kept  # resumed from step 20
   assert again.returncode == 0, again.stderr[-3000:]
   assert 'unreadable' not in again.stderr  # it was never a candidate
   assert not [n for n in os.listdir(ckpt) if 'tmp' in n]  # and is cleaned up
-  _same_exports(ref_export, wd / 'export')
+  cli_runs.same_exports(ref_export, wd / 'export')
 
 
 def _stage(wd, keep=3):

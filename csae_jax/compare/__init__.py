@@ -14,6 +14,7 @@ import dataclasses
 import os
 import time
 
+import jax
 from absl import logging
 
 from csae_jax import config as config_lib
@@ -103,8 +104,9 @@ def run(cfg: config_lib.Config, source, mesh, workdir: str,
   mean, std = report.aggregate(per_seed)
   header = (f'# CSAE vs baselines, mean +- std over seeds {seeds}\n\nPer seed: '
             + ', '.join(f'seed_{s}/compare.md' for s in seeds) + '.')
-  report.write_seeds(workdir, per_seed, mean, std, header)
-  report_html.write_compare(workdir)  # <workdir>/report/index.html, linking each seed's
+  if jax.process_index() == 0:  # one writer of tables and reports
+    report.write_seeds(workdir, per_seed, mean, std, header)
+    report_html.write_compare(workdir)  # <workdir>/report/index.html, linking each seed's
   return {'mode': 'compare', 'compare/methods': list(mean), 'compare/results': mean,
           'compare/std': std, 'compare/table': report.table(mean, std),
           'wall_s': round(time.perf_counter() - t0, 2)}
@@ -130,8 +132,9 @@ def run_one(cfg: config_lib.Config, source, mesh, workdir: str,
             f'{cfg.level1.k}, n2 = {cfg.level2.n_latents}, {cfg.train.steps} steps x '
             f'{cfg.train.batch_size}; {len(es.x_nd)} held-out rows; HMS null: '
             f'{cfg.compare.n_perm} size-matched random partitions.')
-  report.write(workdir, results, per_concept, header)
-  report_html.write_compare(workdir)  # <workdir>/report/index.html and one per method
+  if jax.process_index() == 0:  # one writer of tables and reports
+    report.write(workdir, results, per_concept, header)
+    report_html.write_compare(workdir)  # <workdir>/report/index.html and one per method
   return {'mode': 'compare', 'compare/methods': list(results), 'compare/results': results,
           'compare/table': report.table(results),
           'wall_s': round(time.perf_counter() - t0, 2)}

@@ -17,6 +17,7 @@ import json
 import os
 
 import jax.numpy as jnp
+import jax
 import numpy as np
 
 from csae_jax import checkpoint as ckpt_lib
@@ -199,5 +200,6 @@ def score(export_dir: str, es: EvalSet, *, parent_codes=None, n_perm: int = 200,
       out['synthetic/concept_centroid_mcc'] = hier_eval.parent_mcc(centroids, t.parents_kd)
   out = {k: _json_number(v) for k, v in out.items()}
   merged = {**e['metrics'], **out}
-  ckpt_lib.write_json_atomic(os.path.join(export_dir, 'metrics.json'), merged)
+  if jax.process_index() == 0:  # one writer of exports
+    ckpt_lib.write_json_atomic(os.path.join(export_dir, 'metrics.json'), merged)
   return out, np.asarray(per_concept)

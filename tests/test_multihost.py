@@ -1,0 +1,103 @@
+"""Two real processes on 127.0.0.1 (1 CPU device each, gloo collectives) train the default
+pipeline: the same result as one process with the same global batch, and a kill of one process
+followed by a restart of both resumes. Every process is killed if the test fails or times out."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from tests import cli_runs
+
+
+def _free_port(lo: int = 0) -> int:
+  """A port nobody listens on: the OS's pick, or the first free one from lo."""
+  for port in ([0] if lo == 0 else range(lo, 65536)):
+    with socket.socket() as s:
+      try:
+        s.bind(('127.0.0.1', port))
+        return s.getsockname()[1]
+      except OSError:
+        continue
+  raise RuntimeError(f'no free port from {lo}')
+
+
+def _launch(wd, env_of):
+  """Both processes of the run; env_of(i) is process i's environment (flags via ARGS)."""
+  procs = []
+  for i in range(2):
+    log = open(f'{wd}.{i}.log', 'w')
+    procs.append(subprocess.Popen(
+        [sys.executable, '-m', 'experiments.run', *cli_runs.ARGS, f'--workdir={wd}',
+         *env_of(i)[1]], cwd=cli_runs.ROOT, env=env_of(i)[0], stdout=log,
+        stderr=subprocess.STDOUT))
+  return procs
+
+
+def _wait(procs, wd, timeout=900):
+  deadline = time.time() + timeout
+  try:
+    for p in procs:
+      p.wait(timeout=max(1, deadline - time.time()))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  logs = [open(f'{wd}.{i}.log').read() for i in range(2)]
+  return [p.returncode for p in procs], logs
+
+
+def _with_flags(port):
+  return lambda i: (cli_runs.env(devices=1), ['--coordinator_address', f'127.0.0.1:{port}',
+                                             '--num_processes=2', f'--process_id={i}'])
+
+
+def _slurm(port):
+  """A SLURM job step of 2 tasks, as srun sets it: the plain command, no flags (JAX detects
+  it and derives the coordinator port from the job id)."""
+  job = port - (65535 - 2**12 + 1)
+  return lambda i: (cli_runs.env(devices=1, SLURM_JOB_ID=str(job), SLURM_STEP_NODELIST='127.0.0.1',
+                                 SLURM_NTASKS='2', SLURM_PROCID=str(i), SLURM_LOCALID=str(i),
+                                 SLURM_STEP_NUM_NODES='1'), [])
+
+
+def test_two_processes_match_one_process(cli_reference, tmp_path):
+  _, ref_export = cli_reference
+  wd = tmp_path / 'mp'
+  codes, logs = _wait(_launch(wd, _with_flags(_free_port())), wd)
+  assert codes == [0, 0], '\n'.join(log[-3000:] for log in logs)
+  assert 'CSAE (staged) done' in logs[0] and 'process 1 of 2 done' in logs[1]
+  cli_runs.same_exports(ref_export, wd / 'export', atol=1e-4)
+
+
+def test_kill_one_process_then_restart_both_resumes(cli_reference, tmp_path):
+  _, ref_export = cli_reference
+  wd = tmp_path / 'mp'
+  port = _free_port(65535 - 2**12 + 1)
+  procs = _launch(wd, _slurm(port))
+  try:
+    deadline = time.time() + 600
+    while not (wd / 'level1' / 'ckpt' / '40').exists():  # committed (renamed) by orbax
+      assert all(p.poll() is None for p in procs), 'the run ended before it could be killed'
+      assert time.time() < deadline
+      time.sleep(0.05)
+    procs[1].send_signal(signal.SIGKILL)
+    assert procs[1].wait() == -signal.SIGKILL
+    try:  # its peer fails in a collective (or on the coordinator's heartbeat): stop it too
+      procs[0].wait(timeout=20)
+    except subprocess.TimeoutExpired:
+      procs[0].kill()
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.wait()
+  assert not (wd / 'export').exists()  # it really died mid-run
+  kept = cli_runs.commit_record(wd, 'level1', 40)
+  codes, logs = _wait(_launch(wd, _slurm(_free_port(65535 - 2**12 + 1))), wd)
+  assert codes == [0, 0], '\n'.join(log[-3000:] for log in logs)
+  assert cli_runs.commit_record(wd, 'level1', 40) == kept  # resumed from step 40
+  cli_runs.same_exports(ref_export, wd / 'export', atol=1e-4)
