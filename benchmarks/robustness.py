@@ -21,6 +21,11 @@ Scores, from each method's export (csae_jax/evals/synthetic.py): children recove
 level-1 row within cosine 0.8 of the child), mean max cosine, and ARI of the recovered
 children's concepts against their true parents. Writes <out>/robustness.json (every number per
 seed), robustness.md (mean +- std over seeds) and robustness.png.
+
+Resumable: a finished comparison is read, not re-run; one that lacks some of `--methods` runs
+only those (on the finished level 1) and merges them in. `--rescore` re-runs the CSAE methods of
+finished comparisons on their finished SAE stages: after a change to the concept step (the
+stages leave its keys out of their hashes) it re-scores the whole suite in minutes.
 """
 
 from __future__ import annotations
@@ -120,10 +125,13 @@ def run_family(name: str, seed: int, args) -> dict:
     n2 = budget['n2'][label]
     wd = os.path.join(root, 'n2_' + label.replace('/', '_'))
     done = os.path.join(wd, 'compare.json')
-    if not os.path.exists(done):
+    methods = args.methods if label == '2K' else args.methods_n2
+    if os.path.exists(done):
+      extend(c, wd, n2, methods, args.rescore)
+    else:
       cl = c.copy_and_resolve_references()
       cl.level2.n_latents = n2
-      cl.compare.methods = args.methods if label == '2K' else args.methods_n2
+      cl.compare.methods = methods
       if first is not None:  # the same level 1: its finished stage, not a second training
         src = os.path.join(first, 'csae', 'level1')
         dst = os.path.join(wd, 'csae', 'level1')
@@ -140,6 +148,39 @@ def run_family(name: str, seed: int, args) -> dict:
                   for m, r in results.items()}
     out[label]['_n2'] = n2
   return out
+
+
+def extend(c, wd: str, n2: int, methods: str, rescore: bool) -> None:
+  """A finished comparison in `wd` gains the method families of `methods` it lacks (and, with
+  `rescore`, re-runs its CSAE families: staged and joint), merged into its compare.json; the
+  other methods' scores stay as first run.
+
+  Every SAE stage resumes from its checkpoint: the stage hashes leave out the post-training keys
+  (stages.POST_TRAINING_KEYS: the concept step's), so a changed concept step re-runs only that
+  step, its export and scoring, and CSAE's finished level 1 is what the added methods share."""
+  from csae_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+  from csae_jax import modes  # pylint: disable=g-import-not-at-top
+  from csae_jax.compare import report  # pylint: disable=g-import-not-at-top
+  done = os.path.join(wd, 'compare.json')
+  with open(done) as f:
+    before = json.load(f)
+  have = {r.get('family') for r in before.values()}
+  wanted = config_lib.compare_families(config_lib.CompareConfig(methods=methods))
+  run = [f for f in wanted if f not in have or (rescore and f in ('csae', 'joint'))]
+  if not run:
+    return
+  cl = c.copy_and_resolve_references()
+  cl.level2.n_latents = n2
+  cl.compare.methods = ','.join(run)
+  t0 = time.perf_counter()
+  modes.run(cl, wd)  # writes compare.json / .md of these methods alone
+  with open(done) as f:
+    fresh = json.load(f)
+  merged = {**before, **fresh}
+  merged = {m: merged[m] for m in list(before) + [m for m in fresh if m not in before]}
+  report.write_json_md(wd, merged, f'Methods {", ".join(fresh)} (re-)run by benchmarks.robustness '
+                       f'on the finished stages; the others as first run.', report.table(merged))
+  print(f'  {wd}: {", ".join(fresh)} (re-)run in {time.perf_counter() - t0:.0f} s', flush=True)
 
 
 def aggregate(per_seed: dict[int, dict]) -> dict:
@@ -179,7 +220,10 @@ def markdown(results: dict, args, wall_s: float) -> str:
            f'seeds {args.seeds}; {args.steps} steps x {args.batch_size}; wall {wall_s / 60:.0f} '
            f'min. Mean ± std over seeds. Recovered: fraction of true children with an alive '
            f'level-1 row at cosine > 0.8; ARI: of the recovered children\'s concepts vs their '
-           f'true parents.\n']
+           f'true parents.' + (' Re-scored (`--rescore`): the CSAE methods\' concept step and '
+                               'scores re-run on stages a first run of the same command without '
+                               '`--rescore` trained; the wall time is the re-score\'s.'
+                               if getattr(args, 'rescore', False) else '') + '\n']
   lines += ['## Level 1 (children recovered / mean max cosine)\n',
             '| family | n1 / k / K / children | CSAE level 1 | TopK + AuxK reference | joint | '
             'Matryoshka |', '|---|---|---|---|---|---|']
@@ -268,6 +312,9 @@ def main(argv=None) -> None:
   p.add_argument('--set', action='append', default=[],
                  help='config override KEY=VALUE applied to every run (a variant)')
   p.add_argument('--out', default='benchmarks/results/robustness')
+  p.add_argument('--rescore', action='store_true',
+                 help='finished comparisons: re-run only their CSAE methods on the finished '
+                      'stages (a changed concept step) and merge the new scores')
   args = p.parse_args(argv)
   os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=1')
   fams = [f.strip() for f in args.families.split(',') if f.strip()]

@@ -273,8 +273,9 @@ def refine_labels(rows_rd: Float[np.ndarray, 'r d'], labels_r: Int[np.ndarray, '
       ok = np.where(alone, best_score >= min_ratio * np.nan_to_num(within_c[best], nan=np.inf),
                     best_score > own_score)
       change = ok & (best != own)
-      unrelated = ~alone & (np.maximum(own_score, best_score)
-                            < chance_similarity(d, n_c[own] - 1)) & eject_unrelated
+      unrelated = (~alone & (np.maximum(own_score, best_score)
+                             < chance_similarity(d, n_c[own] - 1)) if eject_unrelated
+                   else np.zeros(len(rr), bool))
       eject[lo:lo + _BLOCK] = unrelated
       new_idx[lo:lo + _BLOCK] = np.where(change, best, own)
       moved += int((change | unrelated).sum())

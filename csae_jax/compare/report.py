@@ -86,12 +86,12 @@ def aggregate(per_seed: dict[int, dict[str, dict]]) -> tuple[dict, dict]:
 
 
 def write_seeds(workdir: str, per_seed: dict, mean: dict, std: dict, header: str) -> None:
-  _write_json_md(workdir, {'seeds': list(per_seed), 'mean': mean, 'std': std,
+  write_json_md(workdir, {'seeds': list(per_seed), 'mean': mean, 'std': std,
                            'per_seed': {str(s): r for s, r in per_seed.items()}},
                  header, table(mean, std))
 
 
-def _write_json_md(workdir: str, obj: dict, header: str, md_table: str) -> None:
+def write_json_md(workdir: str, obj: dict, header: str, md_table: str) -> None:
   ckpt_lib.write_json_atomic(os.path.join(workdir, 'compare.json'), obj)
   md = (header + '\n\n' if header else '') + md_table + '\n'
   ckpt_lib.write_lines_atomic(os.path.join(workdir, 'compare.md'), md.splitlines())
@@ -99,7 +99,7 @@ def _write_json_md(workdir: str, obj: dict, header: str, md_table: str) -> None:
 
 def write(workdir: str, results: dict[str, dict], per_concept: dict[str, np.ndarray],
           header: str = '') -> None:
-  _write_json_md(workdir, results, header, table(results))
+  write_json_md(workdir, results, header, table(results))
   hms_distributions(per_concept, os.path.join(workdir, 'compare_hms.png'),
                     {m: r.get('hms/null_mean') for m, r in results.items()})
   recon_vs_sparsity(results, os.path.join(workdir, 'compare_recon.png'))
