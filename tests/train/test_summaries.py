@@ -61,6 +61,10 @@ def test_event_files_hold_the_curves_and_a_resumed_run_continues_them(tmp_path):
   assert [e.step for e in first['level1/loss']] == [10, 20, 30, 40, 50]
 
   modes.run(_cfg(), wd)
+  # `tensorboard --logdir WD` finds one run per stage
+  from tensorboard.backend.event_processing import plugin_event_multiplexer
+  mux = plugin_event_multiplexer.EventMultiplexer().AddRunsFromDirectory(wd)
+  assert sorted(mux.Runs()) == [os.path.join('tensorboard', s) for s in TAGS]
   for stage, tags in TAGS.items():
     files = os.listdir(os.path.join(wd, 'tensorboard', stage))
     assert len(files) == 1 and files[0].startswith('events.out.tfevents.'), files
