@@ -26,6 +26,7 @@ setup(
         'scikit-learn',
         'jaxtyping',
         'tqdm',
+        'tensorboard',  # its framework-free event-file writer (train/summaries.py)
         'matplotlib',
         'pillow',
         'importlib_resources',  # tensorflow-datasets needs it to open builders, but does not declare it

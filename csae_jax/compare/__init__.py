@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import time
 
 import jax
 from absl import logging
+from tqdm.auto import tqdm
 
 from csae_jax import config as config_lib
 from csae_jax import stages
@@ -118,7 +120,11 @@ def run_one(cfg: config_lib.Config, source, mesh, workdir: str,
   trained = _methods(cfg, source, mesh, workdir)
   es = eval_set(cfg, source, embed_fn, workdir)
   results, per_concept = {}, {}
-  for m in trained:
+  # HMS with its n_perm-partition null is the slow part of scoring: one bar step per method
+  bar = tqdm(trained, desc='scoring', unit='method', file=sys.stderr, dynamic_ncols=True,
+             disable=jax.process_index() != 0)
+  for m in bar:
+    bar.set_postfix_str(m.name, refresh=False)
     logging.info('scoring %s', m.name)
     scores, per_concept[m.name] = score.score(m.export_dir, es, parent_codes=m.parent_codes,
                                               n_perm=cfg.compare.n_perm,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
 from csae_jax.saes import common, get_arch
 
@@ -67,9 +69,18 @@ class RunningStats:
 
 
 def evaluate(params: common.Params, batches: Iterable[np.ndarray], threshold, *, arch: str,
-             k: int) -> dict:
-  """`RunningStats.result()` of the SAE's inference codes over `batches`."""
+             k: int, desc: str = 'eval') -> dict:
+  """`RunningStats.result()` of the SAE's inference codes over `batches`. A progress bar (rows,
+  with an ETA when `batches` says its `n_rows`, as a source's `eval_batches` does) shows once
+  the pass has taken 2 s."""
   acc = RunningStats()
+  total = getattr(batches, 'n_rows', None)
+  if total is None and isinstance(batches, (list, tuple)):
+    total = sum(len(x) for x in batches)
+  bar = tqdm(total=total, desc=desc, unit='row', file=sys.stderr, dynamic_ncols=True,
+             delay=2.0, leave=False, disable=jax.process_index() != 0)
   for x_bd in batches:
     acc.add(_batch_stats(params, jnp.asarray(x_bd), threshold, arch=arch, k=k), len(x_bd))
+    bar.update(len(x_bd))
+  bar.close()
   return acc.result()

@@ -222,17 +222,18 @@ def _captions(workdir: str, limit: int = 200) -> str:
 
 def write(workdir: str, *, n_top: int = TOP_IMAGES, max_images: int = 0,
           page_size: int = PAGE_SIZE, images: bool = True, title: str = '',
-          tops: patches.TopImages | None = None) -> str:
+          tops: patches.TopImages | None = None, harvest: str = '') -> str:
   """report/index.html of a pipeline run (or of any folder holding an export/); returns its
   path. images: top-activating images when the run trained on a harvest (one more pass over
-  its activations; max_images > 0 caps the images scanned); tops: ones computed already."""
+  its activations; max_images > 0 caps the images scanned); tops: ones computed already;
+  harvest: the harvest folder of a run with no stage manifest (a comparison's baseline)."""
   workdir = os.path.abspath(workdir)
   export_dir = os.path.join(workdir, 'export')
   report_dir = os.path.join(workdir, 'report')
   metrics = ckpt_lib.read_json(_need(os.path.join(export_dir, 'metrics.json'), 'the metrics'))
   hier = ckpt_lib.read_json(_need(os.path.join(export_dir, 'hierarchy.json'),
                                   'the concept tree'))
-  harvest = data_path(workdir)
+  harvest = harvest or data_path(workdir)
   if tops is None and images and patches.is_harvest(harvest):
     tops = patches.top_images(export_dir, harvest, hier['concepts'], report_dir, n_top=n_top,
                               max_images=max_images)
@@ -278,13 +279,17 @@ def _compare_table(results: dict, std: dict | None) -> str:
 
 def write_compare(workdir: str, *, rerender: bool = False, **kw) -> str:
   """report/index.html of a comparison: its table, its plots, and a link to each method's own
-  report. A baseline's report (tree only) is written here; a CSAE method's own pipeline run
-  wrote its report already, rewritten only with rerender=True (the report mode); kw: `write`'s
-  options for those."""
+  report. A baseline's report is written here, with the top images of its features and
+  concepts on a harvest (its export's level-1 SAE over the harvest the CSAE methods name; the
+  first PIPELINE_MAX_IMAGES images unless kw sets max_images); a CSAE method's own pipeline
+  run wrote its report already, rewritten only with rerender=True (the report mode); kw:
+  `write`'s options for those."""
   workdir = os.path.abspath(workdir)
   obj = ckpt_lib.read_json(_need(os.path.join(workdir, 'compare.json'), 'the comparison'))
   seeds = obj.get('seeds')
   results, std = (obj['mean'], obj['std']) if seeds else (obj, None)
+  # the data every method trained on: baselines keep no stage manifest, the CSAE runs do
+  harvest = next((p for p in (data_path(os.path.join(workdir, n)) for n in results) if p), '')
   links = []
   if seeds:
     for s in seeds:
@@ -299,8 +304,9 @@ def write_compare(workdir: str, *, rerender: bool = False, **kw) -> str:
         continue
       pipeline_run = os.path.exists(os.path.join(sub, 'histories.json'))
       if rerender or not pipeline_run:
-        write(sub, **{**kw, 'images': kw.get('images', True) and pipeline_run},
-              title=f'{name} (comparison {os.path.basename(workdir)})')
+        opts = kw if pipeline_run else {'max_images': PIPELINE_MAX_IMAGES, **kw,
+                                        'harvest': harvest}
+        write(sub, **opts, title=f'{name} (comparison {os.path.basename(workdir)})')
       links.append((name, f'{name}/report/index.html'))
   link_html = ''.join(f'<li><a href="{html.escape(href)}">{html.escape(text)}</a></li>'
                       for text, href in links)

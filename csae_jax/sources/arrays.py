@@ -15,11 +15,13 @@ import json
 import os
 import re
 import struct
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import grain
 import ml_dtypes
 import numpy as np
+
+from csae_jax.sources import batches as batches_lib
 
 # Held-out split seed: fixed and independent of the training seed, so every run over the same
 # data evaluates on the same rows and no training seed can leak eval rows into training.
@@ -240,11 +242,12 @@ class ArraySource:
     patch in a harvest's index.npz)."""
     return np.array([self._eval_ds[i] for i in range(min(max_rows, self.n_eval))], np.int64)
 
-  def eval_batches(self, max_rows: int, batch_size: int) -> Iterator[np.ndarray]:
+  def eval_batches(self, max_rows: int, batch_size: int) -> batches_lib.Batches:
     """Held-out rows, scaled float32, fixed order, at most `max_rows` total (last may be short)."""
     ids_n = self.eval_row_ids(max_rows)
-    for lo in range(0, len(ids_n), batch_size):
-      yield self._read_scaled(ids_n[lo:lo + batch_size])
+    return batches_lib.Batches(
+        lambda: (self._read_scaled(ids_n[lo:lo + batch_size])
+                 for lo in range(0, len(ids_n), batch_size)), len(ids_n))
 
   # ---- statistics ------------------------------------------------------------------------------
   def _compute_scale(self, norm_sample_rows: int) -> float:

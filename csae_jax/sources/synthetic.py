@@ -31,6 +31,7 @@ from typing import Iterator
 import numpy as np
 
 from csae_jax.config import SyntheticConfig
+from csae_jax.sources import batches as batches_lib
 
 # Evaluation rows come from a disjoint random stream (step ids above any training step).
 _EVAL_STREAM = 1 << 40
@@ -204,9 +205,9 @@ class SyntheticSource:
     per = self.batch_size // self.process_count
     return self.global_batch(step)[self.process_index * per:(self.process_index + 1) * per]
 
-  def eval_batches(self, max_rows: int, batch_size: int) -> Iterator[np.ndarray]:
-    for x_bd, _, _ in self.eval_samples(max_rows, batch_size):
-      yield x_bd
+  def eval_batches(self, max_rows: int, batch_size: int) -> batches_lib.Batches:
+    return batches_lib.Batches(
+        lambda: (x_bd for x_bd, _, _ in self.eval_samples(max_rows, batch_size)), max_rows)
 
   def eval_samples(self, max_rows: int, batch_size: int
                    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:

@@ -5,7 +5,8 @@ one (so killing a run and starting it again continues where it stopped and, sinc
 schedules are pure functions of the step, reaches the same result), blocks on the metrics every
 `log_every` steps (bounds XLA's async dispatch; see DESIGN.md's CPU-collective deadlock), stops on
 a non-finite loss naming the step with the last good checkpoint intact, and saves every
-`checkpoint_every` steps and at the end.
+`checkpoint_every` steps and at the end. Logged rows go to `<stage>/history.jsonl` and to
+TensorBoard event files (`summaries.py`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from csae_jax import checkpoint as ckpt_lib
 from csae_jax import sharding
 from csae_jax.train import state as state_lib
 from csae_jax.train import step as step_lib
+from csae_jax.train import summaries
 
 
 class BatchSource(Protocol):
@@ -112,33 +114,38 @@ def fit(*, stage: ckpt_lib.Stage, mesh: Mesh, levels: dict[str, step_lib.LevelSp
     ckpt_lib.write_lines_atomic(history_path, [json.dumps(r) for r in history])
   bar = tqdm(total=steps, initial=start, desc=desc, file=sys.stderr, dynamic_ncols=True,
              disable=jax.process_index() != 0, mininterval=1.0)
-  t0 = time.perf_counter()
-  for s, local_bd in prefetch(source.batch, range(start, steps)):
-    if before_step is not None:
-      state = before_step(s, state)
-    state, metrics = jstep(state, sharding.put_batch(batch_sharding, local_bd), *step_args)
-    done = s + 1
-    for hook in hooks:
-      hook(done, state)
-    last = done == steps
-    if done % log_every == 0 or last or done % checkpoint_every == 0:
-      m = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
-      if not math.isfinite(m['loss']):
-        bar.close()
-        raise NonFiniteLoss(
-            f'{desc}: loss is {m["loss"]} at step {done}; the last good checkpoint '
-            f'(step {stage.latest_step()}) in {stage.dir} is intact. Lower train.lr or '
-            f'check the data for extreme values.')
-      m['step'] = done
-      m['elapsed_s'] = time.perf_counter() - t0
-      history.append(m)
-      if jax.process_index() == 0:
-        with open(history_path, 'a') as f:
-          f.write(json.dumps(m) + '\n')
-      bar.set_postfix({k.split('/')[-1]: f'{v:.3g}' for k, v in m.items()
-                       if k.endswith(('/fvu', '/l0', '/dead_frac'))}, refresh=False)
-      bar.update(done - bar.n)
-      if done % checkpoint_every == 0 or last:
-        stage.save(done, state, extra={'metrics': m})
-  bar.close()
+  writer = summaries.Writer(stage.dir, start)  # WD/tensorboard/<stage>, truncated like history
+  try:
+    t0 = time.perf_counter()
+    for s, local_bd in prefetch(source.batch, range(start, steps)):
+      if before_step is not None:
+        state = before_step(s, state)
+      state, metrics = jstep(state, sharding.put_batch(batch_sharding, local_bd), *step_args)
+      done = s + 1
+      for hook in hooks:
+        hook(done, state)
+      last = done == steps
+      if done % log_every == 0 or last or done % checkpoint_every == 0:
+        m = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
+        if not math.isfinite(m['loss']):
+          raise NonFiniteLoss(
+              f'{desc}: loss is {m["loss"]} at step {done}; the last good checkpoint '
+              f'(step {stage.latest_step()}) in {stage.dir} is intact. Lower train.lr or '
+              f'check the data for extreme values.')
+        m['step'] = done
+        m['elapsed_s'] = time.perf_counter() - t0
+        history.append(m)
+        if jax.process_index() == 0:
+          with open(history_path, 'a') as f:
+            f.write(json.dumps(m) + '\n')
+        writer.scalars(done, m)
+        bar.set_postfix({k.split('/')[-1]: f'{v:.3g}' for k, v in m.items()
+                         if k.endswith(('/fvu', '/l0', '/dead_frac'))}, refresh=False)
+        bar.update(done - bar.n)
+        if done % checkpoint_every == 0 or last:
+          writer.flush()
+          stage.save(done, state, extra={'metrics': m})
+  finally:
+    bar.close()
+    writer.close()
   return FitResult(state, history, trace_count[0])

@@ -185,6 +185,34 @@ def test_compare_report_links_every_method(tmp_path):
   assert os.path.exists(os.path.join(wd, 'csae', 'report', 'index.html'))
 
 
+def test_compare_report_gives_a_baseline_the_top_images_of_its_own_concepts(tmp_path):
+  """A baseline keeps no stage manifest: its report scans the harvest CSAE's run names, with
+  the baseline's own level-1 SAE and concepts."""
+  import shutil
+  wd = str(tmp_path / 'cmp')
+  csae_wd, _ = fake.image_workdir(str(tmp_path))
+  shutil.move(csae_wd, os.path.join(wd, 'csae'))
+  base = os.path.join(wd, 'kmeans')
+  shutil.copytree(os.path.join(wd, 'csae', 'export'), os.path.join(base, 'export'))
+  hier = {'schema_version': 1, 'alive': list(range(8)), 'unassigned': [4, 5, 6, 7],
+          'concepts': [{'id': 0, 'members': [0, 2], 'weights': [1.0, 1.0]},
+                       {'id': 1, 'members': [1, 3], 'weights': [1.0, 1.0]}]}
+  with open(os.path.join(base, 'export', 'hierarchy.json'), 'w') as f:
+    json.dump(hier, f)
+  with open(os.path.join(wd, 'compare.json'), 'w') as f:
+    json.dump({'csae': {'family': 'csae'}, 'kmeans': {'family': 'clustering'}}, f)
+  report_html.write_compare(wd)
+  data = embedded_data(os.path.join(base, 'report', 'index.html'))
+  assert data['grid'] == list(fake.GRID) and data['panels']['c'] == [0]
+  p = panels(os.path.join(base, 'report'))
+  # concept {0, 2}: image 4 (feature 0, code 5), image 2 (feature 2, code 3), image 0 (code 1)
+  assert [t[0] for t in p['c']['0'][0]] == [4, 2, 0]
+  assert [t[0] for t in p['c']['1'][0]] == [5, 3, 1]  # {1, 3}
+  assert [t[0] for t in p['f']['0'][0]] == [4, 0]
+  assert all(os.path.exists(os.path.join(base, 'report', t)) for t, _ in data['images'].values())
+  assert_self_contained(os.path.join(base, 'report', 'index.html'))
+
+
 def test_image_ranges_need_each_images_rows_together():
   ids, lo, hi = patches.image_ranges(np.array([0, 0, 1, 1, 1, 3]), 'index.npz')
   assert ids.tolist() == [0, 1, 3] and lo.tolist() == [0, 2, 5] and hi.tolist() == [2, 5, 6]

@@ -97,6 +97,9 @@ def test_epoch_coverage_and_holdout(tmp_path):
   want = src.read_rows(np.array(held)) * np.float32(src.scale)
   assert sorted(map(tuple, eval_rows.tolist())) == sorted(map(tuple, want.tolist()))
   assert sum(len(b) for b in src.eval_batches(max_rows=9, batch_size=4)) == 9
+  # they say how many rows they hold before anyone reads them (a progress bar's ETA)
+  assert src.eval_batches(max_rows=9, batch_size=4).n_rows == 9
+  assert src.eval_batches(max_rows=1000, batch_size=7).n_rows == 20
   # the split does not depend on the training seed
   other = ArraySource(str(tmp_path), batch_size=16, seed=99, holdout_rows=20)
   assert set(np.concatenate([other.global_indices(s) for s in range(5)]).tolist()) == train
