@@ -127,9 +127,10 @@ def decode_pairs(p: Pairs, w_nd, n_rows: int):
                            jnp.zeros((n_rows, w_nd.shape[1]), jnp.float32))
 
 
-def _pair_grads(p: Pairs, g_bd, g_v_s, w_dec_nd, xc_bd, acc):
+def _pair_grads(p: Pairs, g_bd, g_v_s, w_dec_nd, xc_bd, acc, dv_given: bool = False):
   """Adds one pair list's gradients (module docstring) to acc = (dW_dec [n, d], dW_enc^T [n, d],
-  db_enc [n]); also returns dpre per pair (for the input's gradient)."""
+  db_enc [n]); also returns dpre per pair (for the input's gradient). dv_given: g_v_s already
+  holds the whole dv per pair (else dv = <g_b, W_dec[j]> + g_v is gathered here)."""
   cp = _chunks(p, w_dec_nd.shape[1])
   cg_v = _chunks(Pairs(g_v_s, p.row_s, p.col_s), w_dec_nd.shape[1]).v_s
 
@@ -137,7 +138,7 @@ def _pair_grads(p: Pairs, g_bd, g_v_s, w_dec_nd, xc_bd, acc):
     (dw_dec, dw_enc, db_enc), dpre_cc = carry
     row, col, v = cp.row_s[i], cp.col_s[i], cp.v_s[i]
     g_cd = g_bd[row]
-    dv_c = jnp.sum(g_cd * w_dec_nd[col], -1) + cg_v[i]
+    dv_c = cg_v[i] if dv_given else jnp.sum(g_cd * w_dec_nd[col], -1) + cg_v[i]
     dpre_c = jnp.where(v > 0, dv_c, 0.0)
     acc = (dw_dec.at[col].add(v[:, None] * g_cd), dw_enc.at[col].add(dpre_c[:, None] * xc_bd[row]),
            db_enc.at[col].add(dpre_c))
@@ -195,6 +196,12 @@ def _fwd(cfg, w_enc_dn, b_enc_n, w_dec_nd, b_dec_d, x_bd, dead_n):
   return out, (w_enc_dn, w_dec_nd, xc_bd, main, aux, any_dead, dead_n)
 
 
+def _dense_dv(g_bd, w_dec_nd, p: Pairs):
+  """dv per pair from one dense [B, d] x [d, n] GEMM, gathered at the pairs. AuxK has d / 2 pairs
+  per row: the GEMM (7.8 ms) beat the per-pair row gathers (60 ms) at d 256, n 4096, B 512."""
+  return (g_bd @ w_dec_nd.T)[p.row_s, p.col_s]
+
+
 def _bwd(cfg, res, g: SparseOut):
   w_enc_dn, w_dec_nd, xc_bd, main, aux, any_dead, _ = res
   n, d = w_dec_nd.shape
@@ -203,7 +210,8 @@ def _bwd(cfg, res, g: SparseOut):
   acc, dpre_s = _pair_grads(main, g.x_hat_bd, g.main.v_s, w_dec_nd, xc_bd, acc)
   acc, dpre_aux_s = jax.lax.cond(
       any_dead,
-      lambda a: _pair_grads(aux, g.aux_hat_bd, jnp.zeros_like(aux.v_s), w_dec_nd, xc_bd, a),
+      lambda a: _pair_grads(aux, g.aux_hat_bd, _dense_dv(g.aux_hat_bd, w_dec_nd, aux), w_dec_nd,
+                            xc_bd, a, dv_given=True),
       lambda a: (a, jnp.zeros_like(aux.v_s)), acc)
   dw_dec_nd, dw_enc_nd, db_enc_n = acc
   # x enters only through xc = x - b_dec: dx_b = sum_j dpre_bj W_enc[:, j]. Under jit XLA drops
