@@ -47,8 +47,8 @@ ROOT = os.path.dirname(HERE)
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-VENV = os.path.join(HERE, '.venv_saelens')
-TORCH_PIN = 'torch==2.13.0'   # the CPU wheel on local disk; a bare `torch` pulls a CUDA build
+from benchmarks import _venvs  # noqa: E402  (after the path fix, for `python benchmarks/...`)
+
 SAELENS_PIN = 'sae-lens==6.54.12'  # the version measured in README.md (accepts torch 2.13)
 ARCHS = {'topk': 'topk', 'batch_topk': 'batchtopk'}  # ours -> SAELens architecture name
 FVU_MARGIN = 0.01     # ours must reach FVU <= SAELens's + this
@@ -64,34 +64,12 @@ def log(msg: str) -> None:
 
 
 def venv_python() -> str:
-  return os.path.join(VENV, 'bin', 'python')
+  return _venvs.venv_python('saelens')
 
 
 def ensure_saelens_venv() -> dict:
-  """Creates benchmarks/.venv_saelens if absent: torch==2.13.0 first, then sae-lens with torch
-  pinned by a constraints file so the resolver cannot swap it. Returns the installed versions."""
-  py = venv_python()
-  probe = [py, '-c', 'import json, torch, sae_lens; print(json.dumps({"torch": torch.__version__, '
-           '"sae_lens": sae_lens.__version__}))']
-  if os.path.exists(py):
-    r = subprocess.run(probe, capture_output=True, text=True)
-    if r.returncode == 0:
-      return json.loads(r.stdout.strip().splitlines()[-1])
-    log(f'{VENV} exists but cannot import torch/sae_lens; reinstalling into it')
-  else:
-    log(f'creating {VENV} (python -m venv, {TORCH_PIN}, {SAELENS_PIN}); about 1-2 min')
-    subprocess.run([sys.executable, '-m', 'venv', VENV], check=True)
-  pip = [py, '-m', 'pip', 'install', '--quiet']
-  subprocess.run(pip + [TORCH_PIN], check=True)
-  constraints = os.path.join(VENV, 'constraints.txt')
-  with open(constraints, 'w') as f:
-    f.write(TORCH_PIN + '\n')
-  subprocess.run(pip + ['-c', constraints, SAELENS_PIN], check=True)
-  r = subprocess.run(probe, capture_output=True, text=True, check=True)
-  versions = json.loads(r.stdout.strip().splitlines()[-1])
-  if not versions['torch'].startswith('2.13.0'):
-    raise RuntimeError(f'the SAELens venv got torch {versions["torch"]}, expected 2.13.0 (CPU)')
-  return versions
+  """benchmarks/.venv_saelens (created on first use, see _venvs); returns the versions."""
+  return _venvs.ensure_venv('saelens', SAELENS_PIN, 'sae_lens')
 
 
 # ---------------------------------------------------------------------------------------------

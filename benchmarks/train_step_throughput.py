@@ -26,10 +26,13 @@ from csae_jax.saes import common, objective
 from csae_jax.train import optim, state as state_lib, step as step_lib
 
 
-def measure(d: int, n: int, k: int, batch: int, dtype: str, sparse: bool, iters: int) -> dict:
-  hyper = objective.SAEHyper(arch='batch_topk', k=k, k_aux=d // 2, auxk_weight=1 / 32,
-                             dead_tokens=10 * batch, k_anneal_steps=0, d=d, compute_dtype=dtype,
-                             sparse_decode=sparse)
+def measure(d: int, n: int, k: int, batch: int, dtype: str, sparse: bool, iters: int,
+            arch: str = 'batch_topk', dead_tokens: int | None = None, warm: int = 3) -> dict:
+  """ms/step of the jitted level-1 step. dead_tokens=None: no latent is dead (AuxK skipped);
+  0: every latent counts as dead, so AuxK runs every step."""
+  hyper = objective.SAEHyper(arch=arch, k=k, k_aux=d // 2, auxk_weight=1 / 32,
+                             dead_tokens=10 * batch if dead_tokens is None else dead_tokens,
+                             k_anneal_steps=0, d=d, compute_dtype=dtype, sparse_decode=sparse)
   spec = step_lib.LevelSpec(hyper, 0.999, 10)
   mesh = sharding.make_mesh(config_lib.MeshConfig())
   opt = optim.make_optimizer(1e-4, 10_000, 100, 0.8, 1.0)
@@ -41,10 +44,10 @@ def measure(d: int, n: int, k: int, batch: int, dtype: str, sparse: bool, iters:
   jstep = step_lib.jit_step(fn, state_lib.shardings_of(st), bsh)
   x = jax.device_put(jax.random.normal(jax.random.key(1), (batch, d)) / np.sqrt(d), bsh)
   t0 = time.perf_counter()
-  st, m = jstep(st, x)
-  jax.block_until_ready(m['loss'])
+  jstep = jstep.lower(st, x).compile()  # compile time alone, then the compiled step is timed
   compile_s = time.perf_counter() - t0
-  for _ in range(3):  # warm
+  mem = jstep.memory_analysis()
+  for _ in range(warm):
     st, m = jstep(st, x)
   jax.block_until_ready(m['loss'])
   t0 = time.perf_counter()
@@ -54,6 +57,7 @@ def measure(d: int, n: int, k: int, batch: int, dtype: str, sparse: bool, iters:
   t = (time.perf_counter() - t0) / iters
   return {'dtype': dtype, 'sparse_decode': sparse, 'ms_per_step': round(1e3 * t, 3),
           'tokens_per_s': round(batch / t), 'compile_s': round(compile_s, 2),
+          'temp_bytes': None if mem is None else int(mem.temp_size_in_bytes),
           'loss': float(m['loss'])}
 
 

@@ -15,7 +15,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float
 
 from csae_jax import saes
-from csae_jax.saes import base, common, select
+from csae_jax.saes import base, common, select, sparse
 
 
 class SAEHyper(NamedTuple):
@@ -55,34 +55,30 @@ def k_at(h: SAEHyper, step) :
   return jnp.round(h.d + (h.k - h.d) * frac).astype(jnp.int32)
 
 
-def gather_decode(w_nd, vals_bk, idx_bk):
-  """sum_j vals[b, j] * w[idx[b, j]]: the k selected rows only, O(B k d) instead of O(B n d)."""
-  return jnp.einsum('bk,bkd->bd', vals_bk, w_nd[idx_bk])
-
-
-def _scatter(vals_bk, idx_bk, n: int):
-  rows = jnp.arange(vals_bk.shape[0])[:, None]
-  return jnp.zeros((vals_bk.shape[0], n), vals_bk.dtype).at[rows, idx_bk].set(vals_bk)
-
-
 def auxk_loss(params: common.Params, acts_bn, dead_n: Bool[Array, 'n'], resid_bd, k_aux: int,
-              valid_b=None, sparse: bool = False) -> jax.Array:
+              valid_b=None) -> jax.Array:
   """AuxK (Gao et al. 2024): the k_aux largest dead latents reconstruct the (detached)
   residual, decoded without b_dec, normalised by the residual's variance. It gives dead latents
   a gradient towards what the live ones miss, which revives them."""
   dead_acts_bn = jnp.where(dead_n, acts_bn, 0.0)
   k_aux = min(k_aux, acts_bn.shape[-1])
-  if sparse:
-    vals_bk, idx_bk = jax.lax.top_k(dead_acts_bn, k_aux)
-    resid_hat_bd = gather_decode(params['w_dec'], vals_bk, idx_bk)
-  else:
-    thr_b1 = select.kth_largest(dead_acts_bn, k_aux, axis=-1)[:, None]
-    aux_codes_bn = jnp.where((dead_acts_bn >= thr_b1) & (dead_acts_bn > 0), dead_acts_bn, 0.0)
-    resid_hat_bd = aux_codes_bn @ params['w_dec']
+  thr_b1 = select.kth_largest(dead_acts_bn, k_aux, axis=-1)[:, None]
+  aux_codes_bn = jnp.where((dead_acts_bn >= thr_b1) & (dead_acts_bn > 0), dead_acts_bn, 0.0)
+  return auxk_from_decode(aux_codes_bn @ params['w_dec'], resid_bd, dead_n, valid_b)
+
+
+def auxk_from_decode(resid_hat_bd, resid_bd, dead_n, valid_b=None) -> jax.Array:
+  """The AuxK loss given the dead latents' reconstruction of the residual."""
   err_b = jnp.sum((resid_hat_bd - resid_bd) ** 2, -1)
   var_b = jnp.sum((resid_bd - jnp.mean(resid_bd, 0)) ** 2, -1)
   loss = base.masked_mean(err_b, valid_b) / jnp.maximum(base.masked_mean(var_b, valid_b), 1e-8)
   return jnp.where(jnp.any(dead_n), loss, 0.0)
+
+
+def uses_sparse_step(h: SAEHyper) -> bool:
+  """The custom-VJP k-sparse step (saes/sparse.py) serves TopK and BatchTopK with a static k."""
+  return (h.sparse_decode and h.arch in ('topk', 'batch_topk') and h.k_anneal_steps <= 0
+          and isinstance(h.k, int))
 
 
 def _cast(params: common.Params, dtype: str) -> common.Params:
@@ -98,49 +94,65 @@ def sae_loss(h: SAEHyper, params: common.Params, since_fired_n, x_bd: Float[Arra
   mode passes it separately to place stop-gradients on the encoder input and the target."""
   arch = saes.get_arch(h.arch)
   target_bd = x_bd if target_bd is None else target_bd
-  # Mixed precision: the two big matmuls run in compute_dtype on a cast copy of the float32
-  # params (gradients flow back to them in float32); selection, thresholds and losses in float32.
-  cparams = _cast(params, h.compute_dtype)
-  acts_bn = common.pre_acts(cparams, x_bd.astype(h.compute_dtype)).astype(jnp.float32)
-  sparse_prefixes = None
-  if h.sparse_decode and h.arch == 'topk':  # static k: gather each input's k rows
-    vals_bk, idx_bk = jax.lax.top_k(acts_bn, h.k)
-    x_hat_bd = (gather_decode(cparams['w_dec'], vals_bk.astype(h.compute_dtype), idx_bk)
-                + cparams['b_dec']).astype(jnp.float32)
-    codes_bn = jax.lax.stop_gradient(_scatter(vals_bk, idx_bk, acts_bn.shape[-1]))  # statistics
-  elif h.sparse_decode:  # batch_topk / matryoshka: the k*B selected (input, latent) pairs
-    b, n = acts_bn.shape
-    vals_s, flat_s = jax.lax.top_k(acts_bn.reshape(-1), h.k * b)
-    vals_s = jnp.where(vals_s > 0, vals_s, 0.0)
-    rows_s, cols_s = flat_s // n, flat_s % n
-    contrib_sd = (vals_s.astype(h.compute_dtype)[:, None] * cparams['w_dec'][cols_s]
-                  ).astype(jnp.float32)
-    decode_rows = lambda c_sd: jax.ops.segment_sum(c_sd, rows_s, num_segments=b) + params['b_dec']
-    x_hat_bd = decode_rows(contrib_sd)
-    codes_bn = jax.lax.stop_gradient(
-        jnp.zeros(b * n, jnp.float32).at[flat_s].set(vals_s).reshape(b, n))
-    if h.arch == 'matryoshka':  # prefix reconstructions from the same selected pairs
-      bounds = np.cumsum(h.groups)
-      sparse_prefixes = jnp.stack([
-          jnp.mean(jnp.sum((decode_rows(contrib_sd * (cols_s < m)[:, None]) - target_bd) ** 2,
-                           -1)) for m in bounds])
+  dead_n = since_fired_n >= h.dead_tokens
+  sparse_aux = None
+  if uses_sparse_step(h) and valid_b is None:
+    cfg = sparse.SparseConfig(batch=h.arch == 'batch_topk', k=h.k,
+                              k_aux=h.k_aux if h.auxk_weight > 0 else 0,
+                              compute_dtype=h.compute_dtype)
+    out = sparse.sparse_sae(cfg, params['w_enc'], params['b_enc'], params['w_dec'],
+                            params['b_dec'], x_bd, dead_n)
+    x_hat_bd, sparse_aux = out.x_hat_bd, out.aux_hat_bd
+    codes_bn = jax.lax.stop_gradient(sparse.scatter_codes(out.main, x_bd.shape[0],
+                                                          params['w_dec'].shape[0]))
+    acts_bn = None  # never materialised outside the custom VJP
+    sparse_prefixes = None
   else:
-    codes_bn = arch.train_codes(params, acts_bn, k_at(h, step), valid_b, h)
-    x_hat_bd = common.decode(cparams, codes_bn.astype(h.compute_dtype)).astype(jnp.float32)
+    x_hat_bd, codes_bn, acts_bn, sparse_prefixes = _dense_or_matryoshka(h, arch, params, x_bd,
+                                                                        target_bd, step, valid_b)
   recon = base.masked_mean(jnp.sum((x_hat_bd - target_bd) ** 2, -1), valid_b)
   if sparse_prefixes is not None:
     train_recon = jnp.mean(sparse_prefixes)
   else:
     train_recon = recon if arch.recon_loss is None else arch.recon_loss(
         params, codes_bn, target_bd, valid_b, h)
-  sparsity = arch.sparsity_loss(params, acts_bn, codes_bn, h, step, valid_b)
+  sparsity = (jnp.zeros(()) if acts_bn is None  # k-sparse archs have no sparsity penalty
+              else arch.sparsity_loss(params, acts_bn, codes_bn, h, step, valid_b))
   var = base.masked_mean(jnp.sum((target_bd - jnp.mean(target_bd, 0)) ** 2, -1), valid_b)
   aux = jnp.zeros(())
   if h.auxk_weight > 0:
-    dead_n = since_fired_n >= h.dead_tokens
-    aux = auxk_loss(params, acts_bn, dead_n, jax.lax.stop_gradient(target_bd - x_hat_bd),
-                    h.k_aux, valid_b, sparse=h.sparse_decode)
+    resid_bd = jax.lax.stop_gradient(target_bd - x_hat_bd)
+    aux = (auxk_loss(params, acts_bn, dead_n, resid_bd, h.k_aux, valid_b) if sparse_aux is None
+           else auxk_from_decode(sparse_aux, resid_bd, dead_n, valid_b))
   l0 = base.masked_mean(jnp.sum(codes_bn > 0, -1).astype(jnp.float32), valid_b)
   return LossOut(loss=train_recon + sparsity + h.auxk_weight * aux, recon=recon,
                  sparsity=sparsity, aux=aux, fvu=recon / jnp.maximum(var, 1e-12), l0=l0,
                  codes_bn=codes_bn)
+
+
+def _dense_or_matryoshka(h: SAEHyper, arch, params, x_bd, target_bd, step, valid_b):
+  """Dense codes and decode (every arch), or Matryoshka's sparse decode of its batch-level
+  selection with the prefix reconstructions. Returns (x_hat, codes, pre-acts, prefixes|None)."""
+  # Mixed precision: the two big matmuls run in compute_dtype on a cast copy of the float32
+  # params (gradients flow back to them in float32); selection, thresholds and losses in float32.
+  cparams = _cast(params, h.compute_dtype)
+  acts_bn = common.pre_acts(cparams, x_bd.astype(h.compute_dtype)).astype(jnp.float32)
+  if not (h.sparse_decode and h.arch == 'matryoshka'):
+    codes_bn = arch.train_codes(params, acts_bn, k_at(h, step), valid_b, h)
+    x_hat_bd = common.decode(cparams, codes_bn.astype(h.compute_dtype)).astype(jnp.float32)
+    return x_hat_bd, codes_bn, acts_bn, None
+  b, n = acts_bn.shape
+  vals_s, flat_s = jax.lax.top_k(acts_bn.reshape(-1), h.k * b)
+  vals_s = jnp.where(vals_s > 0, vals_s, 0.0)
+  rows_s, cols_s = flat_s // n, flat_s % n
+  contrib_sd = (vals_s.astype(h.compute_dtype)[:, None] * cparams['w_dec'][cols_s]
+                ).astype(jnp.float32)
+  decode_rows = lambda c_sd: jax.ops.segment_sum(c_sd, rows_s, num_segments=b) + params['b_dec']
+  x_hat_bd = decode_rows(contrib_sd)
+  codes_bn = jax.lax.stop_gradient(
+      jnp.zeros(b * n, jnp.float32).at[flat_s].set(vals_s).reshape(b, n))
+  bounds = np.cumsum(h.groups)
+  prefixes = jnp.stack([
+      jnp.mean(jnp.sum((decode_rows(contrib_sd * (cols_s < m)[:, None]) - target_bd) ** 2, -1))
+      for m in bounds])
+  return x_hat_bd, codes_bn, acts_bn, prefixes

@@ -1,0 +1,175 @@
+"""Level-1 train-step throughput: ours (dense and k-sparse step) vs SAELens and sparsify, one run.
+
+    python -m benchmarks.train_throughput --config first   # d 1024, n 16384, k 32, batch 4096
+    python -m benchmarks.train_throughput --config paper   # d 2560, n 20000, k 6, batch 1024
+    python -m benchmarks.train_throughput --config small   # d 256, n 4096, k 32, batch 512
+
+Every step runs in its own process (ours: `python -m benchmarks.train_throughput --one ...`;
+the peers in their own venvs, benchmarks/_venvs.py, through _peer_step_side.py), so each one's
+peak resident memory is its own. All run with AuxK on (every latent counted dead) on the same
+random activations, each for --steps timed steps after one warm-up step (kept short: the machine
+is shared). Reported, all measured in this run:
+  activations/s and the ratio to the fastest peer's step of the same arch;
+  FLOP utilisation: useful FLOPs / time / the f32 matmul peak measured here on the step's own
+    encoder GEMM shape. Useful FLOPs are what a k-sparse step must do: the encoder forward
+    2 B d n, plus 8 d per selected pair (decode, dv, dW_dec, dW_enc), for the B k main pairs
+    and the B k_aux AuxK pairs;
+  compile time (ours; the peers' first step instead) and peak resident memory.
+Writes benchmarks/results/train_throughput_<config>_<device>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from benchmarks import _venvs  # noqa: E402
+
+CONFIGS = {'first': (1024, 16384, 32, 4096), 'paper': (2560, 20000, 6, 1024),
+           'small': (256, 4096, 32, 512)}
+PEERS = {'saelens': ('sae-lens==6.54.12', 'sae_lens'), 'sparsify': ('eai-sparsify==1.3.3', 'sparsify')}
+ARCHS = {'topk': {'saelens': 'topk', 'sparsify': 'topk'}, 'batch_topk': {'saelens': 'batchtopk'}}
+
+
+def useful_flops(d: int, n: int, k: int, batch: int) -> float:
+  k_aux = min(d // 2, n)
+  return 2.0 * batch * d * n + 8.0 * batch * (k + k_aux) * d
+
+
+def matmul_peak(d: int, n: int, batch: int, reps: int = 3) -> float:
+  """Best f32 GFLOP/s of jnp.matmul at the step's encoder shape [batch, d] x [d, n]."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
+  a = jax.random.normal(jax.random.key(0), (batch, d))
+  b = jax.random.normal(jax.random.key(1), (d, n))
+  f = jax.jit(jnp.matmul)
+  jax.block_until_ready(f(a, b))
+  best = float('inf')
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(a, b))
+    best = min(best, time.perf_counter() - t0)
+  return 2.0 * batch * d * n / best / 1e9
+
+
+def one_ours(args) -> dict:
+  from benchmarks import train_step_throughput  # pylint: disable=g-import-not-at-top
+  r = train_step_throughput.measure(args.d, args.n, args.k, args.batch, 'float32', args.sparse,
+                                    args.steps, arch=args.arch, dead_tokens=0, warm=1)
+  r['peak_rss_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+  return r
+
+
+def run_json(cmd: list[str], timeout: float) -> dict:
+  _venvs.log(' '.join(os.path.relpath(c, ROOT) if c.startswith(ROOT) else c for c in cmd))
+  try:
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+  except subprocess.TimeoutExpired:
+    return {'error': f'timed out after {timeout:.0f} s'}
+  if r.returncode != 0:
+    return {'error': r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f'rc {r.returncode}'}
+  return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def load() -> float:
+  return round(os.getloadavg()[0], 2)
+
+
+def markdown(res: dict) -> str:
+  c = res['sizes']
+  lines = [f"Level-1 step, d {c['d']}, n {c['n']}, k {c['k']}, batch {c['batch']}, f32, AuxK on; "
+           f"{res['device']}, {os.cpu_count()} cores, load average {res['load_start']} -> "
+           f"{res['load_end']} (shared machine: absolute figures are loaded ones; the ratios are "
+           f"measured in the same run). f32 matmul peak here: {res['matmul_gflops']:.0f} GFLOP/s.",
+           '', '| arch | step | s / step | activations / s | vs fastest peer | FLOP util | '
+           'compile s | peak RSS GiB |', '|---|---|---|---|---|---|---|---|']
+  for r in res['rows']:
+    if 'error' in r:
+      lines.append(f"| {r['arch']} | {r['step']} | {r['error']} | | | | | |")
+      continue
+    ratio = '' if r.get('vs_fastest_peer') is None else f"{r['vs_fastest_peer']:.2f}x"
+    lines.append(f"| {r['arch']} | {r['step']} | {r['s_per_step']:.3f} | {r['acts_per_s']:.0f} | "
+                 f"{ratio} | {100 * r['flop_util']:.1f}% | {r['compile_s']:.1f} | "
+                 f"{r['peak_rss_bytes'] / 2**30:.2f} |")
+  return '\n'.join(lines) + '\n'
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--config', choices=sorted(CONFIGS), default='first')
+  ap.add_argument('--steps', type=int, default=3, help='timed steps per measurement')
+  ap.add_argument('--libs', default='ours,saelens,sparsify')
+  ap.add_argument('--timeout', type=float, default=900, help='seconds per measurement')
+  ap.add_argument('--out', default=os.path.join(HERE, 'results'))
+  ap.add_argument('--one', choices=('ours',), help=argparse.SUPPRESS)  # child: one step's JSON
+  for name in ('d', 'n', 'k', 'batch'):
+    ap.add_argument(f'--{name}', type=int, help=argparse.SUPPRESS)
+  ap.add_argument('--arch', help=argparse.SUPPRESS)
+  ap.add_argument('--sparse', type=int, help=argparse.SUPPRESS)
+  args = ap.parse_args()
+  if args.one:
+    print(json.dumps(one_ours(args)))
+    return
+  d, n, k, batch = CONFIGS[args.config]
+  libs = args.libs.split(',')
+  load_start = load()
+  import jax  # pylint: disable=g-import-not-at-top
+  from benchmarks import _results
+  peak = matmul_peak(d, n, batch)
+  _venvs.log(f'f32 matmul peak at [{batch}, {d}] x [{d}, {n}]: {peak:.0f} GFLOP/s (load {load()})')
+  sizes = ['--d', str(d), '--n', str(n), '--k', str(k), '--batch', str(batch), '--steps',
+           str(args.steps)]
+  rows = []
+  for arch in ARCHS:
+    if 'ours' in libs:
+      for sparse in (0, 1):
+        r = run_json([sys.executable, '-m', 'benchmarks.train_throughput', '--one', 'ours',
+                      '--arch', arch, '--sparse', str(sparse)] + sizes, args.timeout)
+        rows.append({**r, 'arch': arch, 'step': 'ours, k-sparse' if sparse else 'ours, dense'})
+    for lib, peer_arch in ARCHS[arch].items():
+      if lib not in libs:
+        continue
+      pin, module = PEERS[lib]
+      versions = _venvs.ensure_venv(lib, pin, module)
+      r = run_json([_venvs.venv_python(lib), os.path.join(HERE, '_peer_step_side.py'), '--lib',
+                    lib, '--arch', peer_arch] + sizes, args.timeout)
+      rows.append({**r, 'arch': arch, 'step': f'{lib} {versions[module]}', 'peer': True})
+  flops = useful_flops(d, n, k, batch)
+  for r in rows:
+    if 'error' in r:
+      continue
+    if 'ms_per_step' in r:
+      r['s_per_step'] = r['ms_per_step'] / 1e3
+    else:
+      r['compile_s'] = r['first_step_s']  # the peers' first step stands in for compile time
+    r['acts_per_s'] = batch / r['s_per_step']
+    r['flop_util'] = flops / r['s_per_step'] / (peak * 1e9)
+  for arch in ARCHS:
+    peer_s = [r['s_per_step'] for r in rows
+              if r['arch'] == arch and r.get('peer') and 's_per_step' in r]
+    for r in rows:
+      if r['arch'] == arch and 's_per_step' in r:
+        r['vs_fastest_peer'] = min(peer_s) / r['s_per_step'] if peer_s else None
+  res = {**_results.device(), 'config': args.config,
+         'sizes': {'d': d, 'n': n, 'k': k, 'batch': batch}, 'steps': args.steps,
+         'useful_gflop_per_step': flops / 1e9, 'matmul_gflops': peak, 'load_start': load_start,
+         'load_end': load(), 'jax': jax.__version__, 'rows': rows}
+  path = _results.save(res, args.out, f'train_throughput_{args.config}')
+  md = markdown(res)
+  with open(path[:-len('.json')] + '.md', 'w') as f:
+    f.write(md)
+  print(md)
+
+
+if __name__ == '__main__':
+  main()

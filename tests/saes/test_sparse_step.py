@@ -1,0 +1,95 @@
+"""The k-sparse custom-VJP step (saes/sparse.py): its selection is the dense one exactly (also when
+a row overflows its BatchTopK candidates), and its loss and gradients equal the dense step's
+across shapes, over several decode chunks and with AuxK on."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from csae_jax.saes import batch_topk, common, objective, sparse
+
+
+def _pair_set(p: sparse.Pairs):
+  v, r, c = (np.asarray(a) for a in p)
+  return {(int(i), int(j)): float(x) for x, i, j in zip(v, r, c) if x > 0}
+
+
+def _dense_set(codes_bn):
+  codes = np.asarray(codes_bn)
+  return {(int(i), int(j)): float(codes[i, j]) for i, j in zip(*np.nonzero(codes))}
+
+
+def _overflows(acts_bn, k):
+  """True when some row's last BatchTopK candidate reaches the candidates' threshold (the case
+  the exact fallback serves)."""
+  m = min(acts_bn.shape[1], sparse.CANDIDATES_PER_K * k)
+  cand = np.sort(np.asarray(acts_bn), -1)[:, ::-1][:, :m]
+  thr = np.sort(cand.reshape(-1))[::-1][k * acts_bn.shape[0] - 1]
+  return bool(np.max(cand[:, -1]) >= thr)
+
+
+@pytest.mark.parametrize('overflow', [False, True])
+def test_batch_selection_is_the_dense_batch_topk_exactly(overflow):
+  b, n, k = 32, 512, 4
+  acts = jax.nn.relu(jax.random.normal(jax.random.key(0), (b, n)))
+  if overflow:  # row 3 holds far more than its candidates' worth of the batch's largest entries
+    acts = acts.at[3, :200].set(10.0 + jax.random.uniform(jax.random.key(9), (200,)))
+  assert _overflows(acts, k) == overflow
+  got = _pair_set(jax.jit(sparse.select_batch, static_argnums=1)(acts, k))
+  want = _dense_set(batch_topk.train_codes(acts, k))
+  assert got == want and len(got) == k * b
+
+
+def test_row_selection_is_each_rows_top_k():
+  acts = jax.nn.relu(jax.random.normal(jax.random.key(1), (8, 64)))
+  got = _pair_set(sparse.select_rows(acts, 5))
+  a = np.asarray(acts)
+  want = {(i, int(j)): float(a[i, j]) for i in range(8) for j in np.argsort(-a[i])[:5]}
+  assert got == want
+
+
+@pytest.mark.parametrize('arch,b,d,n,k,overflow', [
+    ('topk', 24, 16, 96, 5, False),
+    ('batch_topk', 24, 16, 96, 5, False),
+    ('batch_topk', 32, 8, 300, 3, True),
+])
+def test_sparse_loss_and_grads_match_dense_over_chunks(monkeypatch, arch, b, d, n, k, overflow):
+  # Chunks of 7 pairs: the scatter loops run many chunks and pad the last one.
+  monkeypatch.setattr(sparse, 'CHUNK_BYTES', 7 * 4 * d)
+  params = common.init_params(jax.random.key(2), d, n)
+  params['b_dec'] = jnp.linspace(-0.5, 0.5, d)
+  x = jax.random.normal(jax.random.key(3), (b, d))
+  if overflow:  # one input far off the others: its row takes most of the batch's budget
+    x = x.at[0].mul(40.0)
+    acts = common.pre_acts(params, x)
+    assert _overflows(acts, k)
+  since = jnp.where(jnp.arange(n) < n // 2, 0, 10**6)  # half dead: AuxK runs
+  h = objective.SAEHyper(arch=arch, k=k, k_aux=2 * k, auxk_weight=1 / 32, dead_tokens=100,
+                         k_anneal_steps=0, d=d)
+  assert objective.uses_sparse_step(h._replace(sparse_decode=True))
+
+  def loss(p, sp):
+    out = objective.sae_loss(h._replace(sparse_decode=sp), p, since, x, 5)
+    return out.loss, (out.aux, out.l0)
+
+  (ld, (ad, l0d)), gd = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
+      params, False)
+  (ls, (as_, l0s)), gs = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
+      params, True)
+  assert float(ad) > 0 and float(as_) == pytest.approx(float(ad), rel=1e-5)
+  assert float(l0s) == pytest.approx(float(l0d)) and float(ls) == pytest.approx(float(ld), rel=1e-5)
+  for key in ('w_enc', 'b_enc', 'w_dec', 'b_dec'):
+    np.testing.assert_allclose(np.asarray(gs[key]), np.asarray(gd[key]), rtol=1e-4, atol=1e-6,
+                               err_msg=key)
+
+
+def test_top_k_stays_on_the_topk_kernel_next_to_a_cond():
+  """The optimization barrier keeps XLA from turning top_k into a full sort when a `lax.cond`
+  reads its values (the 14x slowdown sparse.top_k documents)."""
+  def f(a):
+    v, _ = sparse.top_k(a, 8)
+    return jax.lax.cond(v[0, 0] > 0, lambda t: t + 1, lambda t: t - 1, v[0, 0])
+
+  hlo = jax.jit(f).lower(jnp.ones((16, 256))).compile().as_text()
+  assert ' sort(' not in hlo
