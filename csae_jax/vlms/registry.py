@@ -60,9 +60,14 @@ CHECKPOINTS = {
 }
 
 
+# Short names users type for a port (`--config.model=llava`, as the issue's command spells it).
+ALIASES = {'llava': 'llava-1.5', 'gemma3': 'gemma-3', 'qwen3vl': 'qwen3-vl'}
+
+
 def resolve(model: str) -> tuple[Port, Checkpoint | None]:
-  """(port, checkpoint entry or None) for a port or checkpoint name."""
+  """(port, checkpoint entry or None) for a port, alias or checkpoint name."""
   key = model.strip().lower()
+  key = ALIASES.get(key, key)
   if key in CHECKPOINTS:
     c = CHECKPOINTS[key]
     return PORTS[c.port], c
