@@ -1,0 +1,144 @@
+"""SigLIP and CLIP alone as HMS reference embeddings (`vlms.image_encoders`): on tiny random
+transformers checkpoints of every layout (dual encoder, vision-only; one saved as a sharded
+index), `vision/embedding` equals `get_image_features` and the blocks equal the hidden states,
+on transformers' own image processor's pixels, which the torch-free preprocessors reproduce;
+through `evals.embeddings` (the HMS route) each harvested image gets its own image's features."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from PIL import Image
+
+from csae_jax.evals import embeddings
+from csae_jax.sources import harvest
+from csae_jax.vlms import registry
+from experiments.configs import harvest as harvest_config
+from tests.vlms.conftest import _reinit
+
+skimage_data = pytest.importorskip('skimage.data')
+
+S = 32
+# 4 heads of 8 (a head split bug shows), 3 layers (block_1 is neither the first nor the last)
+VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+              image_size=S, patch_size=8)
+TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+            vocab_size=64)
+PHOTOS = ('astronaut', 'coffee', 'chelsea')  # square, wide, wide: resize and crop matter
+
+
+def _siglip_processor():
+  return transformers.SiglipImageProcessorPil(size={'height': S, 'width': S})
+
+
+def _clip_processor():
+  return transformers.CLIPImageProcessorPil(size={'shortest_edge': S},
+                                            crop_size={'height': S, 'width': S})
+
+
+KINDS = {  # name -> (port, model class, config, image processor, features from the HF output)
+    'SiglipModel': ('siglip', transformers.SiglipModel, lambda: transformers.SiglipConfig(
+        vision_config=VISION, text_config=TEXT), _siglip_processor),
+    'SiglipVisionModel': ('siglip', transformers.SiglipVisionModel,
+                          lambda: transformers.SiglipVisionConfig(**VISION), _siglip_processor),
+    'CLIPModel': ('clip', transformers.CLIPModel, lambda: transformers.CLIPConfig(
+        vision_config=VISION, text_config=TEXT, projection_dim=16), _clip_processor),
+    'CLIPVisionModelWithProjection': (
+        'clip', transformers.CLIPVisionModelWithProjection,
+        lambda: transformers.CLIPVisionConfig(**VISION, projection_dim=16), _clip_processor),
+}
+
+
+def _save(kind: str, folder: str, **save_kw):
+  port, cls, config, processor = KINDS[kind]
+  torch.manual_seed(0)
+  model = cls(config()).eval()
+  _reinit(model, 0)
+  model.save_pretrained(folder, **save_kw)
+  processor().save_pretrained(folder)
+  return port, model, processor()
+
+
+def _reference(model, pixels: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+  """transformers' image features [B, E] and the tower's hidden states."""
+  x = torch.from_numpy(pixels)
+  with torch.no_grad():
+    if hasattr(model, 'get_image_features'):
+      feats = model.get_image_features(pixel_values=x).pooler_output
+    elif hasattr(model, 'visual_projection'):
+      feats = model(pixel_values=x).image_embeds
+    else:
+      feats = model(pixel_values=x).pooler_output
+    tower = getattr(model, 'vision_model', model)
+    hidden = tower(pixel_values=x, output_hidden_states=True).hidden_states
+  return feats.numpy(), [h.numpy() for h in hidden]
+
+
+def _photos():
+  return [Image.fromarray(getattr(skimage_data, p)()) for p in PHOTOS]
+
+
+@pytest.mark.parametrize('kind', list(KINDS))
+def test_embedding_matches_get_image_features(kind, tmp_path):
+  folder = str(tmp_path / 'model')
+  # one layout as a sharded index: the loader reads both
+  port, model, processor = _save(kind, folder, **(
+      {'max_shard_size': 20_000} if kind == 'SiglipModel' else {}))
+  if kind == 'SiglipModel':
+    assert os.path.exists(os.path.join(folder, 'model.safetensors.index.json'))
+  ims = _photos()
+  want_px = np.asarray(processor(images=ims, return_tensors='np')['pixel_values'], np.float32)
+  pre = registry.preprocessor(registry.PORTS[port], folder)
+  pixels, grid = pre.images(ims)
+  np.testing.assert_allclose(pixels, want_px, atol=1e-5)  # same resample, crop, mean / std
+  feats, hidden = _reference(model, want_px)
+  net = registry.load(registry.PORTS[port], folder)
+  out = net.vision_forward(want_px, grid, sites=('vision/block_1', 'vision/embedding'))
+  emb = np.asarray(out['vision/embedding'])
+  assert emb.shape == (len(ims), 1, feats.shape[1])
+  err = float(np.abs(emb[:, 0] - feats).max())
+  assert err < 1e-4, f'{kind} embedding: max abs diff {err:.3g} (features ~{np.abs(feats).max():.2g})'
+  assert float(np.abs(np.asarray(out['vision/block_1']) - hidden[2]).max()) < 1e-4
+  assert np.abs(feats[0] - feats[1]).max() > 1e-2  # images that differ, features that differ
+
+
+def test_hms_embeddings_follow_the_harvest_image_ids(tmp_path):
+  """A harvest of the CLIP encoder's block, then the reference embeddings of its images by
+  `evals.embeddings` (compare.embedding_model=clip): row i is image id i's features."""
+  folder = str(tmp_path / 'model')
+  _, model, processor = _save('CLIPModel', folder)
+  image_dir = tmp_path / 'images'
+  image_dir.mkdir()
+  for name, im in zip(PHOTOS, _photos()):
+    im.save(image_dir / f'{name}.png')
+  c = harvest_config.get_config()
+  c.update_from_flattened_dict({'model': 'clip', 'model_path': folder, 'images': str(image_dir),
+                                'batch_size': 2, 'chunk_images': 2, 'sites': 'vision/block_1'})
+  wd = str(tmp_path / 'harvest')
+  harvest.run(c, wd)
+  emb_ie = embeddings.port_embeddings(wd, 'clip-vit-large-patch14-336', folder, batch_size=2)
+  rec = embeddings.recorded_harvest(wd)
+  ims = [Image.open(image_dir / f) for f in rec['files']]
+  feats, _ = _reference(model, np.asarray(processor(images=ims, return_tensors='np')
+                                          ['pixel_values'], np.float32))
+  assert emb_ie.shape == feats.shape
+  np.testing.assert_allclose(emb_ie, feats, atol=1e-4)
+
+
+def test_mistakes_are_named(tmp_path):
+  folder = str(tmp_path / 'model')
+  torch.manual_seed(0)
+  transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**VISION)).save_pretrained(folder)
+  _clip_processor().save_pretrained(folder)
+  net = registry.load(registry.PORTS['clip'], folder)  # the tower loads without a projection
+  pixels, grid = registry.preprocessor(registry.PORTS['clip'], folder).images(_photos()[:1])
+  assert net.vision_forward(pixels, grid, sites=('vision/block_2',))['vision/block_2'].shape == (
+      1, 1 + (S // 8) ** 2, 32)
+  with pytest.raises(ValueError, match='no visual_projection'):
+    net.vision_forward(pixels, grid, sites=('vision/embedding',))
+  with pytest.raises(ValueError, match=r"unknown site\(s\) \['text/layer_0'\].*no text sites"):
+    net.vision_forward(pixels, grid, sites=('text/layer_0',))
+  with pytest.raises(ValueError, match='image_size=64.*takes 32x32'):
+    registry.preprocessor(registry.PORTS['clip'], folder, 64)
