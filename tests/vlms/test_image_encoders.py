@@ -142,3 +142,22 @@ def test_mistakes_are_named(tmp_path):
     net.vision_forward(pixels, grid, sites=('text/layer_0',))
   with pytest.raises(ValueError, match='image_size=64.*takes 32x32'):
     registry.preprocessor(registry.PORTS['clip'], folder, 64)
+
+
+def test_a_site_the_encoder_lacks_is_named_with_its_sites(tmp_path):
+  folder = str(tmp_path / 'model')
+  _save('SiglipVisionModel', folder)
+  image_dir = tmp_path / 'images'
+  image_dir.mkdir()
+  _photos()[0].save(image_dir / 'a.png')
+  c = harvest_config.get_config()
+  c.update_from_flattened_dict({'model': 'siglip', 'model_path': folder, 'images': str(image_dir),
+                                'batch_size': 1, 'chunk_images': 1})  # default site: the embedding
+  harvest.run(c, str(tmp_path / 'harvest'))
+  site_dir = tmp_path / 'harvest' / 'activations' / 'vision_embedding'
+  with np.load(site_dir / 'index.npz') as z:  # one row per image, on no grid cell
+    assert z['image_id'].tolist() == [0] and z['row'].tolist() == [-1]
+  with pytest.raises(ValueError, match=r"'vision/merger' is not a site of 'siglip' \(its sites: "
+                     r"vision/patch_embed, vision/block_\{i\}, vision/post_layernorm, "
+                     r"vision/embedding\)"):
+    embeddings.port_embeddings(str(tmp_path / 'harvest'), 'siglip', folder, 'vision/merger')
