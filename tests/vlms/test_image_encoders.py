@@ -14,7 +14,7 @@ from PIL import Image
 
 from csae_jax.evals import embeddings
 from csae_jax.sources import harvest
-from csae_jax.vlms import registry
+from csae_jax.vlms import hf, registry
 from experiments.configs import harvest as harvest_config
 from tests.vlms.conftest import _reinit
 
@@ -24,13 +24,15 @@ S = 32
 # 4 heads of 8 (a head split bug shows), 3 layers (block_1 is neither the first nor the last)
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
               image_size=S, patch_size=8)
+# 36 px in 8 px patches: 4 x 4 patches and 4 px dropped, as SigLIP so400m's 384 px in 14 px
+S_ODD = 36
 TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
             vocab_size=64)
 PHOTOS = ('astronaut', 'coffee', 'chelsea')  # square, wide, wide: resize and crop matter
 
 
-def _siglip_processor():
-  return transformers.SiglipImageProcessorPil(size={'height': S, 'width': S})
+def _siglip_processor(s=S):
+  return transformers.SiglipImageProcessorPil(size={'height': s, 'width': s})
 
 
 def _clip_processor():
@@ -38,11 +40,13 @@ def _clip_processor():
                                             crop_size={'height': S, 'width': S})
 
 
-KINDS = {  # name -> (port, model class, config, image processor, features from the HF output)
+KINDS = {  # name -> (port, model class, config, image processor)
     'SiglipModel': ('siglip', transformers.SiglipModel, lambda: transformers.SiglipConfig(
         vision_config=VISION, text_config=TEXT), _siglip_processor),
     'SiglipVisionModel': ('siglip', transformers.SiglipVisionModel,
-                          lambda: transformers.SiglipVisionConfig(**VISION), _siglip_processor),
+                          lambda: transformers.SiglipVisionConfig(**{**VISION,
+                                                                     'image_size': S_ODD}),
+                          lambda: _siglip_processor(S_ODD)),
     'CLIPModel': ('clip', transformers.CLIPModel, lambda: transformers.CLIPConfig(
         vision_config=VISION, text_config=TEXT, projection_dim=16), _clip_processor),
     'CLIPVisionModelWithProjection': (
@@ -161,3 +165,40 @@ def test_a_site_the_encoder_lacks_is_named_with_its_sites(tmp_path):
                      r"vision/patch_embed, vision/block_\{i\}, vision/post_layernorm, "
                      r"vision/embedding\)"):
     embeddings.port_embeddings(str(tmp_path / 'harvest'), 'siglip', folder, 'vision/merger')
+
+
+# The vision halves of config.json of google/siglip-so400m-patch14-384 and
+# openai/clip-vit-large-patch14-336 as published (fields at HF's defaults left out, as there).
+PUBLISHED = {
+    'siglip-so400m-patch14-384': (
+        transformers.SiglipVisionModel, transformers.SiglipVisionConfig,
+        dict(hidden_size=1152, image_size=384, intermediate_size=4304, num_attention_heads=16,
+             num_hidden_layers=27, patch_size=14)),
+    'clip-vit-large-patch14-336': (
+        transformers.CLIPVisionModelWithProjection, transformers.CLIPVisionConfig,
+        dict(hidden_size=1024, image_size=336, intermediate_size=4096, num_attention_heads=16,
+             num_hidden_layers=24, patch_size=14, projection_dim=768)),
+}
+
+
+@pytest.mark.parametrize('name', sorted(PUBLISHED))
+def test_published_config_eval_shape_matches_transformers(name):
+  """The full-size encoders built abstractly: transformers' parameter count (meta device) and
+  exactly its tensor names, in every layout the loader accepts."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from csae_jax.vlms import image_encoders  # pylint: disable=g-import-not-at-top
+  hf_cls, hf_cfg, config = PUBLISHED[name]
+  port, _ = registry.resolve(name)
+  cls = image_encoders.SiglipEncoder if port.name == 'siglip' else image_encoders.ClipEncoder
+  abstract = nnx.eval_shape(lambda: cls(config))
+  params = nnx.state(abstract, nnx.Param)
+  n_port = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+  with torch.device('meta'):
+    ref = hf_cls(hf_cfg(**config))
+  assert n_port == sum(p.numel() for p in ref.parameters())
+  stored = set(hf.canonical_names(ref.state_dict(), image_encoders.LAYOUTS))
+  names = abstract.name_map()
+  assert set(names) == stored
+  assert {tuple(p) for p, _ in nnx.to_flat_state(params)} == {p for p, _ in names.values()}
+  print(f'{name}: {n_port:,} parameters')
