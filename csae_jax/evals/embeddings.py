@@ -13,6 +13,7 @@ Any other callable with the `EmbedFn` signature can be passed to `compare.eval_s
 from __future__ import annotations
 
 import os
+import re
 import sys
 from typing import Callable
 
@@ -179,10 +180,10 @@ def _run_port(port, model, model_path, site, pool, rec, size, batch_size, dtype,
   pre = registry.preprocessor(port, model_path, size)
   net = registry.load(port, model_path, dtype=dtype)
   if site not in net.site_names():
+    kinds = list(dict.fromkeys(re.sub(r'_\d+$', '_{i}', n) for n in net.site_names()))
     raise ValueError(f'compare.embedding_site {site!r} is not a site of {model!r} (its sites: '
-                     f'vision/patch_embed, vision/block_i, vision/deepstack_j, vision/merger, '
-                     f'text/layer_i); set --config.compare.embedding_site, or leave it empty for '
-                     f'{port.embedding_site!r}')
+                     f'{", ".join(kinds)}); set --config.compare.embedding_site, or leave it '
+                     f'empty for {port.embedding_site!r}')
   harvester = harvest_lib.Harvester(net, pre, [site], prompt=preprocess.DEFAULT_PROMPT,
                                     all_tokens=False)
   prep = harvest_lib.Preprocessing(cfg, imgs, pre)

@@ -184,7 +184,7 @@ def run(cd, workdir: str) -> dict:
   """Harvests every chunk not yet on disk; returns counts and throughput."""
   cfg = cd if isinstance(cd, config_lib.HarvestConfig) else config_lib.harvest_from_config_dict(cd)
   port, _ = registry.resolve(cfg.model)
-  sites = parse_sites(cfg.sites, port.default_site)
+  sites = parse_sites(cfg.sites, registry.default_site(cfg.model))
   imgs = images_lib.open_images(cfg.images, data_dir=cfg.data_dir, split=cfg.split)
   n_images = min(len(imgs), cfg.max_images) if cfg.max_images else len(imgs)
   pre = registry.preprocessor(port, cfg.model_path, cfg.image_size)

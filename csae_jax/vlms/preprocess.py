@@ -149,25 +149,24 @@ def _read_json(folder: str, name: str, why: str) -> dict:
     return json.load(f)
 
 
-class Gemma3Preprocessor:
-  """Gemma-3 inputs without torch or transformers' image processor: images -> (pixel_values
-  [B, 3, S, S] float32, grid [B, 3] = (1, S/p, S/p) per image); prompts -> token ids with each
-  `<start_of_image>` expanded as Gemma3Processor does ("\\n\\n" BOI, mm_tokens_per_image soft
-  tokens, EOI "\\n\\n").
+class SiglipImages:
+  """SigLIP's image processor without torch: images -> (pixel_values [B, 3, S, S] float32,
+  grid [B, 3] = (1, S/p, S/p) per image), for a SigLIP tower alone (SiglipModel /
+  SiglipVisionModel, `vlms.image_encoders`) and, through Gemma3Preprocessor, Gemma-3's.
 
-  Images go to the checkpoint's own size S (vision_config.image_size, 896 for Gemma-3-4B) by
-  PIL bilinear resampling, then rescale and normalise with preprocessor_config.json's values
-  (no pan-and-scan). The tower takes no other size, so `image_size` must be 0 or S.
+  Images go to the checkpoint's own size S (image_size of its vision config) by PIL resampling
+  (preprocessor_config.json's `resample`: SigLIP bicubic, Gemma-3 bilinear), then rescale and
+  normalise with preprocessor_config.json's values. The tower takes no other size, so
+  `image_size` must be 0 or S.
 
-  Token order (rows of `vision/block_i`): the patch grid row-major; `vision/projector` and the
-  image positions of `text/layer_i`: the pooled grid (side sqrt(mm_tokens)) row-major.
+  Token order (rows of `vision/block_i`): the patch grid row-major; `vision/embedding` (one
+  token per image) has no grid position (row/col -1).
   """
+  default_size, tower, default_resample = 224, 'this SigLIP tower', Image.Resampling.BICUBIC
 
   def __init__(self, folder: str, image_size: int = 0):
-    config, pp, vision = _fixed_size_tower(self, folder, image_size, 896,
-                                           "Gemma-3's vision tower", 'its image mean/std and size')
-    self.mm_tokens = int(config.get('mm_tokens_per_image', 256))
-    self.pooled_side = int(round(self.mm_tokens ** 0.5))
+    self.config, pp, _ = _fixed_size_tower(self, folder, image_size, self.default_size,
+                                           self.tower, 'its image mean/std and size')
     self.rescale = float(pp.get('rescale_factor', 1 / 255)) if pp.get('do_rescale', True) else None
     self.mean = np.asarray(pp.get('image_mean', [0.5] * 3), np.float32)
     self.std = np.asarray(pp.get('image_std', [0.5] * 3), np.float32)
@@ -175,10 +174,8 @@ class Gemma3Preprocessor:
     if pp.get('do_pan_and_scan'):
       raise ValueError(f'{folder!r}/preprocessor_config.json sets do_pan_and_scan; this port '
                        'feeds one crop per image (set it to false)')
-    self.image_token_id = int(config.get('image_token_index', 262144))
-    self.boi_token_id = int(config.get('boi_token_index', 255999))
-    self.eoi_token_id = int(config.get('eoi_token_index', 256000))
-    self._tokenizer = None
+    # SigLIP's processor resizes bicubic, Gemma-3's bilinear: the checkpoint says which
+    self.resample = Image.Resampling(int(pp.get('resample', self.default_resample)))
 
   @property
   def grid_hw(self) -> tuple[int, int]:
@@ -191,26 +188,45 @@ class Gemma3Preprocessor:
     return r, c
 
   def merged_positions(self) -> tuple[np.ndarray, np.ndarray]:
-    """(row, col) of each projector token (image token of the text) on the pooled grid."""
-    return np.divmod(np.arange(self.mm_tokens), self.pooled_side)
+    """(row, col) of the `vision/embedding` token: none, it pools the image."""
+    return np.array([-1]), np.array([-1])
 
   def resize(self, image: Image.Image) -> np.ndarray:
     s = self.image_size
-    return np.asarray(image.convert('RGB').resize((s, s), Image.Resampling.BILINEAR))
+    return np.asarray(image.convert('RGB').resize((s, s), self.resample))
 
   def patchify(self, images_bss3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Resized uint8 [B, S, S, 3] -> (pixel_values [B, 3, S, S] float32, grid [B, 3])."""
-    x = images_bss3.astype(np.float32)
-    if self.rescale is not None:
-      x = x * np.float32(self.rescale)
-    if self.normalize:
-      x = (x - self.mean) / self.std
-    g = self.grid_hw[0]
-    grid = np.tile(np.array([[1, g, g]], np.int64), (len(x), 1))
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2)), grid
+    return _normalise(self, images_bss3)
 
   def images(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
     return self.patchify(np.stack([self.resize(im) for im in images]))
+
+
+class Gemma3Preprocessor(SiglipImages):
+  """Gemma-3 inputs without torch or transformers' image processor: images as `SiglipImages`
+  (the checkpoint's own size, 896 for Gemma-3-4B; no pan-and-scan); prompts -> token ids with
+  each `<start_of_image>` expanded as Gemma3Processor does ("\\n\\n" BOI, mm_tokens_per_image
+  soft tokens, EOI "\\n\\n").
+
+  Token order (rows of `vision/block_i`): the patch grid row-major; `vision/projector` and the
+  image positions of `text/layer_i`: the pooled grid (side sqrt(mm_tokens)) row-major.
+  """
+  default_size, tower, default_resample = 896, "Gemma-3's vision tower", Image.Resampling.BILINEAR
+
+  def __init__(self, folder: str, image_size: int = 0):
+    super().__init__(folder, image_size)
+    config = self.config
+    self.mm_tokens = int(config.get('mm_tokens_per_image', 256))
+    self.pooled_side = int(round(self.mm_tokens ** 0.5))
+    self.image_token_id = int(config.get('image_token_index', 262144))
+    self.boi_token_id = int(config.get('boi_token_index', 255999))
+    self.eoi_token_id = int(config.get('eoi_token_index', 256000))
+    self._tokenizer = None
+
+  def merged_positions(self) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) of each projector token (image token of the text) on the pooled grid."""
+    return np.divmod(np.arange(self.mm_tokens), self.pooled_side)
 
   @property
   def tokenizer(self):
@@ -238,43 +254,33 @@ class Gemma3Preprocessor:
 LLAVA_PROMPT = 'USER: {images}\n{prompt} ASSISTANT:'
 
 
-class LlavaPreprocessor:
-  """LLaVA-1.5 inputs without torch: CLIP preprocessing (shortest edge to image_size by PIL
-  bicubic, centre crop, rescale, normalise with preprocessor_config.json's mean/std) ->
-  (pixel_values [B, 3, S, S] float32, grid [B, 3] = (1, S/p, S/p)); prompts -> token ids with
-  each `<image>` expanded to one token per image feature, as LlavaProcessor does ((S/p)^2 with
-  the 'default' strategy, + 1 with 'full').
+class ClipImages:
+  """CLIP's image processor without torch: shortest edge to image_size by PIL bicubic, centre
+  crop, rescale, normalise with preprocessor_config.json's mean/std -> (pixel_values
+  [B, 3, S, S] float32, grid [B, 3] = (1, S/p, S/p)), for a CLIP tower alone (CLIPModel /
+  CLIPVisionModelWithProjection, `vlms.image_encoders`) and, through LlavaPreprocessor, LLaVA's.
 
   Token order (rows of `vision/block_i`): CLS first (row/col -1), then the patch grid
-  row-major; `vision/projector` / text image tokens: the patch grid row-major (no CLS with
-  'default').
+  row-major; `vision/embedding` (one token per image) has no grid position (row/col -1).
   """
+  default_size, tower = 224, 'this CLIP tower'
 
   def __init__(self, folder: str, image_size: int = 0):
-    config, pp, vision = _fixed_size_tower(self, folder, image_size, 336, "LLaVA's CLIP tower",
-                                           'its image mean/std and crop size')
-    self.full = config.get('vision_feature_select_strategy', 'default') == 'full'
-    self.image_token_id = int(config.get('image_token_index', 32000))
+    self.config, pp, _ = _fixed_size_tower(self, folder, image_size, self.default_size,
+                                           self.tower, 'its image mean/std and crop size')
     self.rescale = float(pp.get('rescale_factor', 1 / 255)) if pp.get('do_rescale', True) else None
     self.mean = np.asarray(pp.get('image_mean', [0.48145466, 0.4578275, 0.40821073]), np.float32)
     self.std = np.asarray(pp.get('image_std', [0.26862954, 0.26130258, 0.27577711]), np.float32)
     self.normalize = bool(pp.get('do_normalize', True))
-    self._tokenizer = None
 
-  @property
-  def grid_hw(self) -> tuple[int, int]:
-    n = self.image_size // self.patch
-    return n, n
+  grid_hw = SiglipImages.grid_hw
 
   def patch_positions(self) -> tuple[np.ndarray, np.ndarray]:
     """(row, col) of each `vision/block_i` token: CLS (-1, -1), then the grid row-major."""
     r, c = np.divmod(np.arange(self.grid_hw[0] * self.grid_hw[1]), self.grid_hw[1])
     return np.concatenate([[-1], r]), np.concatenate([[-1], c])
 
-  def merged_positions(self) -> tuple[np.ndarray, np.ndarray]:
-    """(row, col) of each projector token / image token of the text."""
-    r, c = self.patch_positions()
-    return (r, c) if self.full else (r[1:], c[1:])
+  merged_positions = SiglipImages.merged_positions
 
   def resize(self, image: Image.Image) -> np.ndarray:
     """Shortest edge to S (bicubic; the long edge int(S * long / short), as HF), centre crop."""
@@ -286,19 +292,31 @@ class LlavaPreprocessor:
     top, left = (nh - s) // 2, (nw - s) // 2
     return x[top:top + s, left:left + s]
 
-  def patchify(self, images_bss3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Resized uint8 [B, S, S, 3] -> (pixel_values [B, 3, S, S] float32, grid [B, 3])."""
-    x = images_bss3.astype(np.float32)
-    if self.rescale is not None:
-      x = x * np.float32(self.rescale)
-    if self.normalize:
-      x = (x - self.mean) / self.std
-    g = self.grid_hw[0]
-    return (np.ascontiguousarray(x.transpose(0, 3, 1, 2)),
-            np.tile(np.array([[1, g, g]], np.int64), (len(x), 1)))
+  patchify = SiglipImages.patchify
+  images = SiglipImages.images
 
-  def images(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
-    return self.patchify(np.stack([self.resize(im) for im in images]))
+
+class LlavaPreprocessor(ClipImages):
+  """LLaVA-1.5 inputs without torch: images as `ClipImages` (336 px for LLaVA-1.5); prompts ->
+  token ids with each `<image>` expanded to one token per image feature, as LlavaProcessor does
+  ((S/p)^2 with the 'default' strategy, + 1 with 'full').
+
+  Token order (rows of `vision/block_i`): CLS first (row/col -1), then the patch grid
+  row-major; `vision/projector` / text image tokens: the patch grid row-major (no CLS with
+  'default').
+  """
+  default_size, tower = 336, "LLaVA's CLIP tower"
+
+  def __init__(self, folder: str, image_size: int = 0):
+    super().__init__(folder, image_size)
+    self.full = self.config.get('vision_feature_select_strategy', 'default') == 'full'
+    self.image_token_id = int(self.config.get('image_token_index', 32000))
+    self._tokenizer = None
+
+  def merged_positions(self) -> tuple[np.ndarray, np.ndarray]:
+    """(row, col) of each projector token / image token of the text."""
+    r, c = self.patch_positions()
+    return (r, c) if self.full else (r[1:], c[1:])
 
   @property
   def tokenizer(self):
@@ -323,6 +341,19 @@ class LlavaPreprocessor:
     return np.asarray(tok(text.replace(marker, marker * n))['input_ids'], np.int64)
 
 
+def _normalise(pre, images_bss3: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """Resized uint8 [B, S, S, 3] -> (pixel_values [B, 3, S, S] float32, grid [B, 3]) with the
+  preprocessor's rescale / mean / std (SigLIP's and CLIP's processors differ only there)."""
+  x = images_bss3.astype(np.float32)
+  if pre.rescale is not None:
+    x = x * np.float32(pre.rescale)
+  if pre.normalize:
+    x = (x - pre.mean) / pre.std
+  g = pre.grid_hw[0]
+  return (np.ascontiguousarray(x.transpose(0, 3, 1, 2)),
+          np.tile(np.array([[1, g, g]], np.int64), (len(x), 1)))
+
+
 def _fixed_size_tower(pre, folder: str, image_size: int, default_size: int, tower: str,
                       wants: str) -> tuple[dict, dict, dict]:
   """Reads the checkpoint's config and preprocessor_config.json for a tower that takes one
@@ -331,7 +362,8 @@ def _fixed_size_tower(pre, folder: str, image_size: int, default_size: int, towe
   from csae_jax.vlms import hf  # pylint: disable=g-import-not-at-top
   config = hf.read_config(folder)
   pp = _read_json(folder, 'preprocessor_config.json', wants)
-  vision = config.get('vision_config') or {}
+  # a VLM or a SiglipModel / CLIPModel nests the tower's config; a *VisionModel* is the tower
+  vision = config.get('vision_config') or config
   pre.folder = folder
   pre.model_size = int(vision.get('image_size', default_size))
   pre.patch = int(vision.get('patch_size', 14))

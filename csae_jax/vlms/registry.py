@@ -46,6 +46,12 @@ PORTS = {
     # (vision_feature_layer -2), the paper-style site. Embedding: the CLS token of that layer.
     'llava-1.5': Port('llava-1.5', 'vision/block_22', embedding_site='vision/block_22',
                       cls_token=True, default_image_size=0),
+    # SigLIP / CLIP alone (csae_jax.vlms.image_encoders): reference embeddings for HMS, their
+    # `get_image_features` (SigLIP's attention-pooled head, CLIP's projected CLS), one token.
+    'siglip': Port('siglip', 'vision/embedding', embedding_site='vision/embedding',
+                   default_image_size=0),
+    'clip': Port('clip', 'vision/embedding', embedding_site='vision/embedding',
+                 default_image_size=0),
 }
 
 CHECKPOINTS = {
@@ -53,16 +59,36 @@ CHECKPOINTS = {
                                        'Qwen/Qwen3-VL-4B-Instruct', 'vision/block_23', 256),
     'gemma-3-4b-it': Checkpoint('gemma-3-4b-it', 'gemma-3', 'google/gemma-3-4b-it',
                                 'vision/block_26', 896),
+    # The paper's LLaVA site: language-model layer 39 of the 13B (its last of 40), image tokens;
+    # for the 7B (32 layers) its last layer, the same place in the stack.
     'llava-1.5-7b': Checkpoint('llava-1.5-7b', 'llava-1.5', 'llava-hf/llava-1.5-7b-hf',
-                               'vision/block_22', 336),
+                               'text/layer_31', 336),
     'llava-1.5-13b': Checkpoint('llava-1.5-13b', 'llava-1.5', 'llava-hf/llava-1.5-13b-hf',
-                                'vision/block_22', 336),
+                                'text/layer_39', 336),
+    'siglip-so400m-patch14-384': Checkpoint('siglip-so400m-patch14-384', 'siglip',
+                                            'google/siglip-so400m-patch14-384',
+                                            'vision/embedding', 384),
+    'clip-vit-large-patch14-336': Checkpoint('clip-vit-large-patch14-336', 'clip',
+                                             'openai/clip-vit-large-patch14-336',
+                                             'vision/embedding', 336),
 }
 
 
+# Short names users type for a port (`--config.model=llava`, as the issue's command spells it).
+ALIASES = {'llava': 'llava-1.5', 'gemma3': 'gemma-3', 'qwen3vl': 'qwen3-vl'}
+
+
+def default_site(model: str) -> str:
+  """The site a harvest of `model` takes when none is named: a named checkpoint's paper site,
+  else its port's."""
+  port, ckpt = resolve(model)
+  return ckpt.default_site if ckpt else port.default_site
+
+
 def resolve(model: str) -> tuple[Port, Checkpoint | None]:
-  """(port, checkpoint entry or None) for a port or checkpoint name."""
+  """(port, checkpoint entry or None) for a port, alias or checkpoint name."""
   key = model.strip().lower()
+  key = ALIASES.get(key, key)
   if key in CHECKPOINTS:
     c = CHECKPOINTS[key]
     return PORTS[c.port], c
@@ -84,6 +110,10 @@ def load(port: Port, folder: str, *, dtype: str = 'float32', mesh=None):
   if port.name == 'llava-1.5':
     from csae_jax.vlms import llava  # pylint: disable=g-import-not-at-top
     return llava.Llava.from_pretrained(folder, dtype=jnp.dtype(dtype), mesh=mesh)
+  if port.name in ('siglip', 'clip'):
+    from csae_jax.vlms import image_encoders  # pylint: disable=g-import-not-at-top
+    cls = image_encoders.SiglipEncoder if port.name == 'siglip' else image_encoders.ClipEncoder
+    return cls.from_pretrained(folder, dtype=jnp.dtype(dtype), mesh=mesh)
   raise ValueError(f'no loader for port {port.name!r}')
 
 
@@ -98,4 +128,8 @@ def preprocessor(port: Port, folder: str, image_size: int = 0):
     return preprocess.Gemma3Preprocessor(folder, image_size=image_size)
   if port.name == 'llava-1.5':
     return preprocess.LlavaPreprocessor(folder, image_size=image_size)
+  if port.name == 'siglip':
+    return preprocess.SiglipImages(folder, image_size=image_size)
+  if port.name == 'clip':
+    return preprocess.ClipImages(folder, image_size=image_size)
   raise ValueError(f'no preprocessor for port {port.name!r}')

@@ -6,12 +6,13 @@ Why it is shaped this way:
   (C, P, P)-flattened patches, so it is an `nnx.Linear` [C*P*P, D] and the conv weight
   [D, C, P, P] flattens and transposes into it (`hf_name_map`).
 - Images have the config's fixed size (Gemma-3 never interpolates SigLIP's learned position
-  table): a batch is [B, C, H, W] with H = W = image_size, patches row-major over the grid.
+  table): a batch is [B, C, H, W] with H = W = image_size, patches row-major over the grid
+  (image_size // patch per side: a remainder is dropped, as by HF's conv).
 - Pre-norm encoder layers (LayerNorm, biased q/k/v/out projections, plain MHA without a mask,
   an fc1 -> activation -> fc2 MLP); `post_layernorm` after the last layer. The attention-pooling
-  head is not ported (Gemma-3 sets vision_use_head=False and reads the patch tokens).
+  head is in `image_encoders` (SigLIP alone); Gemma-3 sets vision_use_head=False.
 
-Sites (values later layers see, after any edit), all [B, N, D] with N = (image_size / patch)^2
+Sites (values later layers see, after any edit), all [B, N, D] with N = (image_size // patch)^2
 patch tokens row-major (token n is at row n // side, col n % side):
 `vision/patch_embed` (patch + position embedding), `vision/block_{i}` (output of encoder layer i
 = HF's hidden_states[i + 1]) and `vision/post_layernorm` (HF's last_hidden_state).
@@ -74,17 +75,22 @@ class SiglipConfig:
     if cfg.hidden_size % cfg.num_attention_heads:
       raise ValueError(f'vision_config hidden_size={cfg.hidden_size} is not a multiple of '
                        f'num_attention_heads={cfg.num_attention_heads}')
-    if cfg.image_size % cfg.patch_size:
-      raise ValueError(f'vision_config image_size={cfg.image_size} is not a multiple of '
+    # image_size need not be a multiple of patch_size: HF's stride-p conv drops the last
+    # image_size % p rows and columns (SigLIP so400m-patch14-384: 27 x 27 patches of 384 px).
+    if cfg.image_size < cfg.patch_size:
+      raise ValueError(f'vision_config image_size={cfg.image_size} is smaller than '
                        f'patch_size={cfg.patch_size}')
     layers.activation(cfg.hidden_act, 'vision_config.hidden_act')
     return cfg
 
 
 def patchify(pixels_bchw: jax.Array, patch: int) -> jax.Array:
-  """[B, C, H, W] -> [B, (H/p)(W/p), C*p*p]: row-major patches, each flattened as (C, p, p)
-  (the order of the flattened Conv2d weight)."""
+  """[B, C, H, W] -> [B, (H//p)(W//p), C*p*p]: row-major patches, each flattened as (C, p, p)
+  (the order of the flattened Conv2d weight); a remainder past the last whole patch is dropped,
+  as the stride-p conv does."""
   b, c, h, w = pixels_bchw.shape
+  h, w = h // patch * patch, w // patch * patch
+  pixels_bchw = pixels_bchw[:, :, :h, :w]
   x = pixels_bchw.reshape(b, c, h // patch, patch, w // patch, patch)
   return x.transpose(0, 2, 4, 1, 3, 5).reshape(b, (h // patch) * (w // patch), c * patch * patch)
 

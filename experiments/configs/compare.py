@@ -89,7 +89,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # harvest's own images (row i = image id i), cached in WD/embeddings/. '' = none.
   m.embedding_model = ''
   m.embedding_model_path = ''  # its local checkpoint folder (nothing is downloaded)
-  m.embedding_site = ''        # the site embedded; '' = the port's (Qwen3-VL: vision/merger)
+  # the site embedded; '' = the port's (Qwen3-VL: vision/merger; siglip / clip: vision/embedding,
+  # their get_image_features)
+  m.embedding_site = ''
   m.embedding_pool = 'mean'    # one vector per image: 'mean' of its tokens, or 'cls' (if any)
   # Real data only. JSON {fine label: coarse label} for the labels in the harvest's images.json:
   # taxonomy consistency of each concept's children vs the null.

@@ -9,8 +9,9 @@ manifest.json), usable directly as `--config.data.path` of experiments/configs/c
 Resumable: the same command after an interruption continues at the first unfinished chunk.
 
 Sites: vision/block_{i} (output of vision block i, every patch token), vision/merger (merged image
-tokens entering the language model), vision/deepstack_{j} (Qwen3-VL), vision/projector (Gemma-3:
-the pooled, projected image tokens), text/layer_{i} (residual stream after decoder layer i;
+tokens entering the language model), vision/deepstack_{j} (Qwen3-VL), vision/projector (Gemma-3,
+LLaVA: the image tokens entering the language model), vision/embedding (SigLIP / CLIP alone: one
+row per image, their get_image_features), text/layer_{i} (residual stream after decoder layer i;
 image-token positions, or every token with all_tokens=True).
 """
 
@@ -22,8 +23,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     raise ValueError(f'unknown config variant {arg!r}; harvest.py has none')
   c = ml_collections.ConfigDict()
   c.stage = 'harvest'
-  # A port ('qwen3-vl', 'gemma-3') or a named checkpoint of csae_jax.vlms.registry (e.g.
-  # 'qwen3-vl-4b-instruct', which also sets the default site and image size).
+  # A port ('qwen3-vl', 'gemma-3', 'llava-1.5' or 'llava'; 'siglip' / 'clip' alone) or a named
+  # checkpoint of csae_jax.vlms.registry (e.g. 'qwen3-vl-4b-instruct', 'llava-1.5-13b', which
+  # also sets the default site: the paper's).
   c.model = 'qwen3-vl'
   c.model_path = ''        # local HF checkpoint folder (config.json, *.safetensors, tokenizer, ...)
   c.images = ''            # a folder of images (labels = subfolder names), or 'tfds:NAME'

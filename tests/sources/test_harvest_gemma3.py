@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 
 from csae_jax.sources import arrays
 from csae_jax.vlms import preprocess
+from tests.sources import csae_on_harvest
 from tests.vlms import tiny_gemma3 as tg
 
 skimage_data = pytest.importorskip('skimage.data')
@@ -113,14 +114,7 @@ def test_cli_rows_match_transformers_then_csae(setup, tmp_path):
       got = src[site].read_rows(np.arange(n * i, n * (i + 1)))
       err = float(np.max(np.abs(got - want)))
       assert err < 1e-4, f'{site} image {i}: max abs diff {err:.3g}'
-  data = os.path.join(act, 'vision_block_1')
-  cmd = [sys.executable, '-m', 'experiments.run', '--config=experiments/configs/csae.py:small',
-         f'--config.data.path={data}', '--config.train.steps=20', '--config.level2.steps=20',
-         '--config.train.batch_size=16', '--config.level2.restarts=1',
-         '--config.data.holdout_rows=16', f'--workdir={tmp_path / "csae"}']
-  r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert os.path.exists(tmp_path / 'csae' / 'export' / 'hierarchy.json')
+  csae_on_harvest.train_csae_on(os.path.join(act, 'vision_block_1'), str(tmp_path / 'csae'), 32)
 
 
 def test_preprocessor_matches_the_image_processor(setup):

@@ -1,9 +1,12 @@
-"""Harvesting through the LLaVA-1.5 port (in process, the harvest entry point the CLI calls):
-on real photographs (skimage.data) every image's rows equal transformers' LLaVA on
-transformers' own CLIP image processor; the `<image>` expansion and the CLS row."""
+"""Harvesting through the LLaVA-1.5 port with the same command as Qwen3-VL and Gemma-3: on real
+photographs (skimage.data) every image's rows equal transformers' LLaVA on transformers' own CLIP
+image processor; the `<image>` expansion and the CLS row; the output trains a CSAE run via
+--config.data.path."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,12 +15,14 @@ import transformers
 from PIL import Image
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from csae_jax import config as config_lib
-from csae_jax.sources import arrays, harvest
+from csae_jax.sources import arrays
 from csae_jax.vlms import preprocess
+from tests.sources import csae_on_harvest
 from tests.vlms import tiny_llava as tl
 
 skimage_data = pytest.importorskip('skimage.data')
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def save_tiny_tokenizer(folder: str) -> None:
@@ -37,7 +42,7 @@ def save_tiny_tokenizer(folder: str) -> None:
       additional_special_tokens=['<image>']).save_pretrained(folder)
 
 
-def test_rows_match_transformers(tmp_path):
+def test_cli_rows_match_transformers_then_csae(tmp_path):
   folder = str(tmp_path / 'model')
   model, config = tl.make_tiny_llava(folder)
   save_tiny_tokenizer(folder)
@@ -45,13 +50,18 @@ def test_rows_match_transformers(tmp_path):
   image_dir.mkdir()
   for name in ('astronaut', 'coffee', 'chelsea'):  # square, wide, wide: the crop matters
     Image.fromarray(getattr(skimage_data, name)()).save(image_dir / f'{name}.png')
-  cfg = config_lib.harvest_from_config_dict(dict(
-      model='llava-1.5', model_path=folder, images=str(image_dir), batch_size=2, chunk_images=2,
-      sites='vision/block_1,vision/projector,text/layer_0'))
   wd = str(tmp_path / 'wd')
-  result = harvest.run(cfg, wd)
-  assert result['n_images'] == 3
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': ''}
+  # `llava`: the port's short name, as the issue's command spells it
+  cmd = [sys.executable, '-m', 'experiments.run', '--config=experiments/configs/harvest.py',
+         '--config.model=llava', f'--config.model_path={folder}', f'--config.images={image_dir}',
+         '--config.sites=vision/block_1,vision/projector,text/layer_0', '--config.batch_size=2',
+         '--config.chunk_images=2', f'--workdir={wd}']
+  r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert r.returncode == 0, r.stderr[-3000:]
   act = os.path.join(wd, 'activations')
+  with open(os.path.join(act, 'text_layer_0', 'manifest.json')) as f:
+    assert json.load(f)['image_size'] == 32  # 0 = the checkpoint's own size
   pre = preprocess.LlavaPreprocessor(folder)
   ids = pre.prompt_ids(np.ones((1, 3)))
   assert ids[0] == 1 and int(np.sum(ids == tl.IMAGE_TOKEN_ID)) == 16  # <s>, 4x4 patches
@@ -79,3 +89,5 @@ def test_rows_match_transformers(tmp_path):
       got = src[site].read_rows(np.arange(len(want) * i, len(want) * (i + 1)))
       err = float(np.max(np.abs(got - want)))
       assert err < 1e-4, f'{site} image {i}: max abs diff {err:.3g}'
+  # The paper's LLaVA site kind (a text layer at the image tokens) trains a CSAE run.
+  csae_on_harvest.train_csae_on(os.path.join(act, 'text_layer_0'), str(tmp_path / 'csae'), 32)

@@ -14,6 +14,7 @@ from safetensors.numpy import load_file, save_file
 
 from csae_jax.vlms import gemma3 as g
 from csae_jax.vlms import hf
+from tests.vlms import hooked
 from tests.vlms import tiny_gemma3 as tg
 
 TOL = 1e-4
@@ -148,6 +149,27 @@ def test_generate_matches_transformers(tiny):
   stop = int(np.argmax(ref[0] == eos)) + 1
   got = model.generate(ids, pixels, None, 10, eos_token_id=eos)
   np.testing.assert_array_equal(got, ref[:, :stop])
+
+
+def test_generate_with_edits_matches_torch_hooks(tiny):
+  """A vision-block edit (prefill only) and a text-layer edit (prefill and every decode step,
+  past the sliding window) give transformers' tokens and logits when it applies the same
+  functions with forward hooks."""
+  torch_model, config, model, _ = tiny
+  pixels = _pixels(config, 1, seed=2)
+  ids = tg.prompt(1, config.mm_tokens_per_image)
+  steer = np.random.default_rng(0).normal(size=config.text_config.hidden_size).astype(
+      np.float32) * 3
+  tm = torch_model.model
+  ref, ref_logits = hooked.generate(torch_model, tg.hf_inputs(ids, pixels), 8, [
+      (tm.vision_tower.encoder.layers[1], lambda o: o * 0.5),
+      (tm.language_model.layers[0], lambda o: o + torch.from_numpy(steer))])
+  _, clean = model.generate(ids, pixels, None, 8, return_logits=True)
+  got, logits = model.generate(ids, pixels, None, 8, return_logits=True, edits={
+      'vision/block_1': lambda h: h * 0.5, 'text/layer_0': lambda h: h + steer})
+  np.testing.assert_array_equal(got, ref)
+  _close(logits, ref_logits, 'edited generate logits')
+  assert np.abs(logits - clean).max() > 0.1  # the edits changed every step's logits
 
 
 def test_layouts_single_sharded_and_hub(tmp_path):

@@ -13,6 +13,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from csae_jax.vlms import hf, llava
+from tests.vlms import hooked
 from tests.vlms import tiny_llava as tl
 
 TOL = 1e-4
@@ -83,6 +84,25 @@ def test_generate_matches_transformers(tiny):
   got, logits = model.generate(ids, pixels, None, 8, return_logits=True)
   np.testing.assert_array_equal(got, ref)
   _close(logits, torch.stack(out.logits, 1).numpy(), 'generate logits')
+
+
+def test_generate_with_edits_matches_torch_hooks(tiny):
+  """An edit of the feature layer (vision/block_1, prefill only) and of a text layer (prefill
+  and every decode step) give transformers' tokens and logits under the same forward hooks."""
+  torch_model, config, model, _ = tiny
+  pixels = _pixels(config, 1, seed=2)
+  ids = tl.prompt(1, 16)
+  steer = np.random.default_rng(0).normal(size=32).astype(np.float32) * 3
+  tm = torch_model.model
+  ref, ref_logits = hooked.generate(torch_model, tl.hf_inputs(ids, pixels), 8, [
+      (tm.vision_tower.encoder.layers[1], lambda o: o * 0.5),
+      (tm.language_model.layers[0], lambda o: o + torch.from_numpy(steer))])
+  _, clean = model.generate(ids, pixels, None, 8, return_logits=True)
+  got, logits = model.generate(ids, pixels, None, 8, return_logits=True, edits={
+      'vision/block_1': lambda h: h * 0.5, 'text/layer_0': lambda h: h + steer})
+  np.testing.assert_array_equal(got, ref)
+  _close(logits, ref_logits, 'edited generate logits')
+  assert np.abs(logits - clean).max() > 0.1  # the edits changed every step's logits
 
 
 def test_full_strategy_and_layouts(tmp_path):
