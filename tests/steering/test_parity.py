@@ -68,7 +68,7 @@ def reference_tokens(setup, records, block: int, sae: dict | None, n_new: int) -
   handle = None
   if r0['arm'] != 'none':
     handle = model.model.visual.blocks[block].register_forward_hook(
-        clamp_hook(sae, r0['members'], r0['value'], r0['mode']))
+        clamp_hook(sae, r0['members'], r0['value'], r0['mode']), prepend=True)
   try:
     with torch.no_grad():
       out = model.generate(

@@ -157,7 +157,7 @@ def torch_vision_outputs(model: transformers.Qwen3VLForConditionalGeneration,
         out = block0_edit(out)
       outs[f'vision/block_{i}'] = out.detach().numpy().copy()
       return out
-    handles.append(blk.register_forward_hook(hook))
+    handles.append(blk.register_forward_hook(hook, prepend=True))  # before HF's recorders
   try:
     with torch.no_grad():
       res = visual(torch.from_numpy(pixel_values), grid_thw=torch.from_numpy(grid_thw))

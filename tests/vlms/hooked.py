@@ -14,7 +14,11 @@ def generate(torch_model, kw: dict, n: int,
              ) -> tuple[np.ndarray, np.ndarray]:
   """(new tokens [B, n], per-step logits [B, n, V]) of HF's greedy decoding while each
   (module, fn) replaces the module's output o by fn(o), in the prefill and every decode step."""
-  handles = [module.register_forward_hook(lambda m, a, o, fn=fn: fn(o)) for module, fn in hooks]
+  # Prepended: transformers 5 records `hidden_states` (LLaVA and Gemma-3 read their image
+  # features from them) with forward hooks it installs once, on a model's first forward. An edit
+  # appended after those runs after the recording and is silently lost once the model has run.
+  handles = [module.register_forward_hook(lambda m, a, o, fn=fn: fn(o), prepend=True)
+             for module, fn in hooks]
   try:
     with torch.no_grad():
       out = torch_model.generate(**kw, max_new_tokens=n, do_sample=False, pad_token_id=0,

@@ -149,8 +149,10 @@ def test_edits_steer_prefill_and_decode_like_torch_hooks(tiny):
   f_vis = lambda h: h * 0.5  # noqa: E731
   f_txt = lambda h: h + steer  # noqa: E731  (additive: commutes with the deepstack add)
   lm = torch_model.model.language_model
-  hooks = [torch_model.model.visual.blocks[1].register_forward_hook(lambda m, a, o: o * 0.5),
-           lm.layers[0].register_forward_hook(lambda m, a, o: o + torch.from_numpy(steer))]
+  hooks = [torch_model.model.visual.blocks[1].register_forward_hook(
+               lambda m, a, o: o * 0.5, prepend=True),
+           lm.layers[0].register_forward_hook(
+               lambda m, a, o: o + torch.from_numpy(steer), prepend=True)]
   try:
     ref, ref_logits = _hf_generate(torch_model, _hf_kwargs(ids, pixels, grid), 8, logits=True,
                                    eos_token_id=None)
