@@ -78,6 +78,43 @@ def create_stacked(mesh: Mesh, params: dict[str, common.Params],
   return jax.device_put(st, sharding.named(mesh))
 
 
+def opt_state_shardings(mesh: Mesh, params: dict[str, common.Params], opt_state_shapes: Any
+                        ) -> Any:
+  """Each optimiser-state leaf found under [level][param] (Adam's mu, nu) takes that param's
+  sharding; everything else (step counts) is replicated."""
+  p_shard = param_shardings(mesh, params)
+  rep = sharding.named(mesh)
+
+  def pick(path, _):
+    keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    for level, name in zip(keys, keys[1:]):
+      if level in p_shard and name in p_shard[level]:
+        return p_shard[level][name]
+    return rep
+
+  return jax.tree_util.tree_map_with_path(pick, opt_state_shapes)
+
+
+def abstract_state(mesh: Mesh, params: dict[str, common.Params],
+                   optimizer: optax.GradientTransformation) -> TrainState:
+  """The train state as ShapeDtypeStructs with the shardings `create` gives it, from param
+  shapes alone (`jax.eval_shape` of an init): what a 1M-latent step compiles against, and the
+  per-device footprint, without building any array."""
+  shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+  opt_shapes = jax.eval_shape(optimizer.init, shapes)
+  sds = lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh)
+  rep, lat = sharding.named(mesh), sharding.named(mesh, 'latent')
+  scalar = lambda dt: jax.ShapeDtypeStruct((), dt, sharding=rep)
+  per_latent = lambda p, dt: jax.ShapeDtypeStruct((p['w_dec'].shape[0],), dt, sharding=lat)
+  return TrainState(
+      step=scalar(jnp.int32),
+      params=jax.tree.map(sds, shapes, param_shardings(mesh, shapes)),
+      opt_state=jax.tree.map(sds, opt_shapes, opt_state_shardings(mesh, shapes, opt_shapes)),
+      threshold={k: scalar(jnp.float32) for k in shapes},
+      since_fired={k: per_latent(p, jnp.int32) for k, p in shapes.items()},
+      fire_rate={k: per_latent(p, jnp.float32) for k, p in shapes.items()})
+
+
 def shardings_of(state: TrainState) -> TrainState:
   return jax.tree.map(lambda x: x.sharding, state)
 
