@@ -55,6 +55,16 @@ def state_bytes(tree: Any) -> int:
   return sum(shard_bytes(x) for x in jax.tree.leaves(tree))
 
 
+def analytic_state_bytes(n: int, d: int, model: int) -> int:
+  """Per-device bytes of a level-1 train state (float32 params w_enc, w_dec [n, d], b_enc [n],
+  b_dec [d]; Adam's two moments of each; two per-latent counters) with the latent axis split
+  `model` ways (ceil: a split that does not divide pads the last shard). Scalars (step counts,
+  the threshold) are left out: 16 bytes."""
+  per = -(-n // model)
+  params = 4 * (2 * per * d + per + d)
+  return 3 * params + 8 * per
+
+
 def global_bytes(tree: Any) -> int:
   return sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
 
@@ -66,3 +76,31 @@ def compiled_bytes(compiled) -> dict[str, int]:
   return {'argument': int(ma.argument_size_in_bytes), 'output': int(ma.output_size_in_bytes),
           'temp': int(ma.temp_size_in_bytes), 'alias': int(ma.alias_size_in_bytes),
           'generated_code': int(ma.generated_code_size_in_bytes)}
+
+
+class CompiledStep(NamedTuple):
+  compiled: Any           # jax.stages.Compiled
+  state: Any              # the abstract TrainState (ShapeDtypeStructs with shardings)
+  lower_s: float          # tracing + lowering seconds
+  compile_s: float        # XLA compile seconds
+
+
+def compile_step(mesh, levels: dict, init_params, optimizer, batch_shape: tuple[int, int],
+                 batch_axes: tuple = ('batch', 'embed')) -> CompiledStep:
+  """Compiles the sharded train step of `levels` against abstract inputs only: params come from
+  `jax.eval_shape(init_params)`, so a 1M-latent dictionary is never built on any device or host.
+  """
+  import time  # pylint: disable=g-import-not-at-top
+  from csae_jax import sharding  # pylint: disable=g-import-not-at-top
+  from csae_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
+  from csae_jax.train import step as step_lib  # pylint: disable=g-import-not-at-top
+  state = state_lib.abstract_state(mesh, jax.eval_shape(init_params), optimizer)
+  fn, _ = step_lib.make_step(levels, optimizer)
+  batch_sharding = sharding.named(mesh, *batch_axes)
+  jstep = step_lib.jit_step(fn, jax.tree.map(lambda x: x.sharding, state), batch_sharding)
+  t0 = time.perf_counter()
+  lowered = jstep.lower(state, jax.ShapeDtypeStruct(batch_shape, np.float32,
+                                                    sharding=batch_sharding))
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  return CompiledStep(compiled, state, t1 - t0, time.perf_counter() - t1)

@@ -138,3 +138,51 @@ def test_config_refuses_sparse_decode_on_a_latent_sharded_mesh():
   bad = dataclasses.replace(ok, mesh=config_lib.MeshConfig(model=2))
   with pytest.raises(ValueError, match='sparse_decode.*mesh.model = 2'):
     config_lib.validate(bad)
+
+
+def _stacked_run(mesh):
+  """Staged level 2's step: two restarts stacked and vmapped, rows replicated."""
+  opt = optim.make_optimizer(LR, 40, 1, 0.8, 1.0)
+  sae = dataclasses.replace(config_lib.SAEConfig(n_latents=N), decoder_init='random')
+  rows = _batches()[0]
+  params = {'level2': stages.stack([stages.init_sae(jax.random.key(i), sae, rows)
+                                    for i in range(2)])}
+  st = state_lib.create_stacked(mesh, params, opt)
+  spec = _spec('topk')
+  fn, _ = step_lib.make_step({'level2': spec}, opt)
+  rows_sharding = sharding.named(mesh, None, 'embed')
+  jstep = step_lib.jit_step(jax.vmap(fn, in_axes=(0, None)), state_lib.shardings_of(st),
+                            rows_sharding)
+  for x in _batches():
+    st, m = jstep(st, jax.device_put(x, rows_sharding))
+  jax.block_until_ready(m)
+  return st, params, opt
+
+
+def test_stacked_level2_shards_its_latents_and_matches_one_device():
+  st1, _, _ = _stacked_run(sharding.make_mesh(config_lib.MeshConfig(), devices=jax.devices()[:1]))
+  mesh = sharding.make_mesh(config_lib.MeshConfig(data=2, model=4))
+  st, params, opt = _stacked_run(mesh)
+  w = st.params['level2']['w_dec']  # [R, n, d]
+  assert w.sharding.spec[1] == 'model'
+  assert {s.data.shape[1] for s in w.addressable_shards} == {N // 4}
+  assert st.since_fired['level2'].sharding.spec[1] == 'model'
+  np.testing.assert_array_equal(np.asarray(st.since_fired['level2']),
+                                np.asarray(st1.since_fired['level2']))
+  for x, y in zip(jax.tree.leaves(st.params), jax.tree.leaves(st1.params), strict=True):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=2e-2 * LR)
+  # the abstract state (what a 1M-latent step compiles against) has exactly these shardings
+  abstract = state_lib.abstract_state(mesh, params, opt, stacked=True)
+  for a, b in zip(jax.tree.leaves(abstract), jax.tree.leaves(st), strict=True):
+    assert a.shape == b.shape and a.sharding.is_equivalent_to(b.sharding, len(b.shape))
+
+
+def test_abstract_state_has_the_shardings_of_create():
+  mesh = sharding.make_mesh(config_lib.MeshConfig(data=2, model=4))
+  st, _, _ = _setup(mesh, 'topk')
+  opt = optim.make_optimizer(LR, 40, 1, 0.8, 1.0)
+  abstract = state_lib.abstract_state(mesh, st.params, opt)
+  assert jax.tree.structure(abstract) == jax.tree.structure(st)
+  for a, b in zip(jax.tree.leaves(abstract), jax.tree.leaves(st), strict=True):
+    assert a.shape == b.shape and a.dtype == b.dtype
+    assert a.sharding.is_equivalent_to(b.sharding, len(b.shape))
