@@ -76,6 +76,7 @@ def family_config(name: str, seed: int, args) -> tuple['ml_collections.ConfigDic
   """The compare config of one family and seed, and its budget."""
   from csae_jax import config as config_lib  # pylint: disable=g-import-not-at-top
   from csae_jax.sources import synthetic  # pylint: disable=g-import-not-at-top
+  from experiments import overrides as overrides_lib  # pylint: disable=g-import-not-at-top
   from experiments.configs import compare as compare_config  # pylint: disable=g-import-not-at-top
   over = dict(FAMILIES[name])
   overcomplete = over.pop('overcomplete', args.overcomplete)
@@ -97,21 +98,8 @@ def family_config(name: str, seed: int, args) -> tuple['ml_collections.ConfigDic
   c.data.eval_rows = args.eval_rows
   c.compare.n_perm = args.n_perm
   c.compare.alphas = args.alphas
-  overrides = {}
-  for kv in args.set:
-    key, _, value = kv.partition('=')
-    overrides[key] = _parse(value)
-  c.update_from_flattened_dict(overrides)
+  c.update_from_flattened_dict(overrides_lib.parse_assignments(args.set))
   return c, budget
-
-
-def _parse(value: str):
-  for cast in (int, float):
-    try:
-      return cast(value)
-    except ValueError:
-      pass
-  return {'True': True, 'False': False}.get(value, value)
 
 
 def run_family(name: str, seed: int, args) -> dict:

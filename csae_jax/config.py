@@ -143,12 +143,16 @@ class JointConfig:
 @dataclasses.dataclass(frozen=True)
 class SweepConfig:
   """mode='sweep': level-1 SAEs for every combination, trained together in one vmapped step.
-  Comma-separated values; empty = the single value of the base config."""
+  Comma-separated values; empty = the single value of the base config.
+  level=2: level-2 SAEs (seeds, lr = level2.lr, n2 = level2.n_latents) on the decoder rows of
+  this config's level 1, trained once (stage 'level1'), in one vmapped step."""
+  level: int = 1
   seeds: str = ''
   lr: str = ''
   k: str = ''
   l1_coeff: str = ''
   l0_coeff: str = ''
+  n2: str = ''
 
 
 COMPARE_FAMILIES = ('csae', 'joint', 'stop_gradient', 'flat', 'matryoshka', 'stacked',
@@ -300,8 +304,15 @@ def validate(cfg: Config) -> Config:
   _positive('train.warmup_steps', t.warmup_steps, allow_zero=True)
   _one_of('train.lr_schedule', t.lr_schedule, LR_SCHEDULES)
   _one_of('train.compute_dtype', t.compute_dtype, ('float32', 'bfloat16'))
-  for name in ('seeds', 'lr', 'k', 'l1_coeff', 'l0_coeff'):
+  for name in ('seeds', 'lr', 'k', 'l1_coeff', 'l0_coeff', 'n2'):
     sweep_values(cfg.sweep, name)  # parses, or says which key is malformed
+  _one_of('sweep.level', cfg.sweep.level, (1, 2))
+  level_axes = {1: ('k', 'l1_coeff', 'l0_coeff'), 2: ('n2',)}[3 - cfg.sweep.level]
+  for name in level_axes:  # axes of the other level
+    if getattr(cfg.sweep, name).strip():
+      raise ValueError(f'config key sweep.{name} does not apply to sweep.level = '
+                       f'{cfg.sweep.level}; sweep.level=1 sweeps seeds, lr, k, l1_coeff, '
+                       f'l0_coeff; sweep.level=2 sweeps seeds, lr, n2')
   if t.sparse_decode and (cfg.level1.arch not in ('topk', 'batch_topk', 'matryoshka')
                           or (cfg.level1.k_anneal_frac or 0) > 0 or cfg.mode != 'staged'):
     raise ValueError('train.sparse_decode needs a k-sparse level1.arch (topk, batch_topk, '
@@ -464,7 +475,7 @@ def sweep_values(sweep: SweepConfig, name: str) -> list[float]:
   except ValueError as e:
     raise ValueError(f'config key sweep.{name} = {spec!r} must be comma-separated numbers, '
                      f'e.g. --config.sweep.{name}=1,2,3') from e
-  if name in ('seeds', 'k') and any(v != int(v) for v in values):
+  if name in ('seeds', 'k', 'n2') and any(v != int(v) for v in values):
     raise ValueError(f'config key sweep.{name} = {spec!r} must hold integers')
   return values
 

@@ -4,6 +4,8 @@
 fixes the set of devices the first time its backend starts. Explicit arguments are
 jax.distributed.initialize's; with none, JAX's own cluster detection runs (Cloud TPU VMs, GKE,
 SLURM, Open MPI, and JAX_COORDINATOR_ADDRESS), and a machine with no cluster runs one process.
+`num_processes=1` alone runs one process without joining a detected cluster (the per-host runs
+of a sharded sweep on a pod slice: experiments/sweep.py --single_process).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         raise ValueError(f'joining the detected cluster failed: {e}; pass '
                          f'--coordinator_address, --num_processes and --process_id') from e
       logging.info('no cluster detected: one process')
+    return
+  if num_processes == 1 and coordinator_address is None and process_id in (None, 0):
+    logging.info('--num_processes=1: one process, no cluster joined')
     return
   if coordinator_address is not None and ':' not in coordinator_address:
     raise ValueError(f'--coordinator_address={coordinator_address} needs a port: HOST:PORT '

@@ -117,6 +117,8 @@ def stage_config(cfg: config_lib.Config, *parts: str) -> dict:
   out = {p: d[p] for p in parts}
   if 'data' in out:
     out['data'] = {k: v for k, v in out['data'].items() if k != 'eval_rows'}
+  if 'sweep' in out and 'level1' in parts:  # level-2 sweep keys: a level-1 grid's hash as before
+    out['sweep'] = {k: v for k, v in out['sweep'].items() if k not in ('level', 'n2')}
   for p in set(parts) & {'level1', 'level2'}:
     drop = POST_TRAINING_KEYS + (LEVEL2_ONLY_KEYS if p == 'level1' else ())
     out[p] = {k: v for k, v in out[p].items() if k not in drop}

@@ -37,8 +37,13 @@ SUMMARY_KEYS = (
 def summary(metrics: dict, workdir: str) -> str:
   if metrics['mode'] == 'sweep':
     from csae_jax import sweep  # pylint: disable=g-import-not-at-top
-    return (f'sweep of {metrics["sweep/n"]} level-1 SAEs done: {workdir}/sweep '
-            f'(results.json, results.md, pareto.png)\n\n' + sweep.table(metrics['sweep/results']))
+    if metrics.get('sweep/level') == 2:
+      head = (f'sweep of {metrics["sweep/n"]} level-2 SAEs done: {metrics["sweep/dir"]} '
+              f'(results.json, results.md)')
+    else:
+      head = (f'sweep of {metrics["sweep/n"]} level-1 SAEs done: {workdir}/sweep '
+              f'(results.json, results.md, pareto.png)')
+    return head + '\n\n' + sweep.table(metrics['sweep/results'])
   if metrics['mode'] == 'report':
     return (f'report written: {metrics["report"]} ({metrics["bytes"] / 1e6:.2f} MB, '
             f'{metrics["wall_s"]} s); open it in a browser (file://{metrics["report"]})')

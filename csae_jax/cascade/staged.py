@@ -56,25 +56,42 @@ def select_restart(cfg: config_lib.Config, state, rows_rd) -> tuple[dict, float,
                   'level2/restart_selected': best}
 
 
+def sae_config(cfg: config_lib.Config, n_rows: int, n_latents: int | None = None
+               ) -> config_lib.SAEConfig:
+  """The level-2 SAE as trained on `n_rows` rows (n_latents: level2.n_latents, or a sweep's n2):
+  surplus latents are welcome when the concepts step merges their fragments (concepts.py)."""
+  s2 = cfg.level2 if n_latents is None else dataclasses.replace(cfg.level2, n_latents=n_latents)
+  return dataclasses.replace(s2, n_latents=concepts.internal_latents(s2, n_rows))
+
+
+def init_keys(seed: int, restarts: int) -> jax.Array:
+  """The init keys of a level 2 trained with train.seed = seed (one per restart)."""
+  return jax.random.split(jax.random.split(jax.random.key(seed))[1], restarts)
+
+
+def fit(cfg: config_lib.Config, source, mesh, stage, rows_rd: np.ndarray, s2, init_params, *,
+        desc: str, hooks=(), stack_hparams=None) -> loop.FitResult:
+  """A stack of level-2 SAEs (leading axis R) trained by one vmapped step on the same row
+  batches: a run's restarts, or a sweep's members (per-SAE stack_hparams, `step.make_step`)."""
+  t = cfg.train
+  row_source = rows_lib.RowSource(rows_rd, batch_size=s2.batch_size or min(len(rows_rd), 4096),
+                                  seed=t.seed)
+  spec2 = stages.level_spec(s2, source.d, s2.steps, t.compute_dtype)
+  return loop.fit(stage=stage, mesh=mesh, levels={'level2': spec2}, init_params=init_params,
+                  optimizer=stages.optimizer(s2.lr, s2.steps, t), source=row_source,
+                  steps=s2.steps, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
+                  hooks=hooks, desc=desc, batch_axes=(None, 'embed'), stacked=True,
+                  stack_hparams=stack_hparams)
+
+
 def train(cfg: config_lib.Config, source, mesh, workdir: str, rows_rd: np.ndarray,
           parent: dict, *, hooks=()) -> Level2:
   """Trains (or resumes) stage 'level2' on `rows_rd` [r, d], the alive unit level-1 rows."""
-  t = cfg.train
-  # surplus latents are welcome when the concepts step merges their fragments (concepts.py)
-  s2 = dataclasses.replace(cfg.level2, n_latents=concepts.internal_latents(cfg.level2,
-                                                                          len(rows_rd)))
-  key2 = jax.random.split(jax.random.key(t.seed))[1]
-  row_source = rows_lib.RowSource(rows_rd, batch_size=s2.batch_size or min(len(rows_rd), 4096),
-                                  seed=t.seed)
+  s2 = sae_config(cfg, len(rows_rd))
+  keys2 = init_keys(cfg.train.seed, s2.restarts)
   stage2 = stages.make_stage(cfg, workdir, 'level2', ('level2',), source, parent=parent)
-  spec2 = stages.level_spec(s2, source.d, s2.steps, t.compute_dtype)
-  keys2 = jax.random.split(key2, s2.restarts)
-  res2 = loop.fit(stage=stage2, mesh=mesh, levels={'level2': spec2},
-                  init_params=lambda: {'level2': stages.stack(
-                      [stages.init_sae(k, s2, rows_rd) for k in keys2])},
-                  optimizer=stages.optimizer(s2.lr, s2.steps, t), source=row_source,
-                  steps=s2.steps, log_every=t.log_every, checkpoint_every=t.checkpoint_every,
-                  hooks=hooks, desc=f'level 2 (x{s2.restarts})', batch_axes=(None, 'embed'),
-                  stacked=True)
+  res2 = fit(cfg, source, mesh, stage2, rows_rd, s2,
+             lambda: {'level2': stages.stack([stages.init_sae(k, s2, rows_rd) for k in keys2])},
+             desc=f'level 2 (x{s2.restarts})', hooks=hooks)
   p2, thr2, picked = select_restart(cfg, res2.state, rows_rd)
   return Level2(p2, thr2, picked, res2.history, stage2, cfg.level2.arch, cfg.level2.k)

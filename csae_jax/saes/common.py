@@ -69,3 +69,35 @@ def geometric_median(x_nd: Float[Array, 'n d'], *, weights_n: Float[Array, 'n'] 
     return jnp.sum(inv_n[:, None] * x_nd, 0) / jnp.maximum(jnp.sum(inv_n), eps)
 
   return jax.lax.fori_loop(0, iters, body, med)
+
+
+def _latent_axis(name: str) -> int | None:
+  if name not in LOGICAL_AXES:
+    raise ValueError(f'SAE parameter {name!r} has no logical axes in common.LOGICAL_AXES; add '
+                     f'them there so that stacks of SAEs of different sizes can be padded')
+  axes = LOGICAL_AXES[name]
+  return axes.index('latent') if 'latent' in axes else None
+
+
+def pad_latents(params: Params, n: int) -> Params:
+  """The SAE with zero latents appended up to n (padding: never fires when masked, see
+  objective.SAEHyper.n_valid), so SAEs of different sizes stack for one vmapped step."""
+  out = {}
+  for name, v in params.items():
+    ax = _latent_axis(name)
+    if ax is None or v.shape[ax] == n:
+      out[name] = v
+      continue
+    widths = [(0, 0)] * v.ndim
+    widths[ax] = (0, n - v.shape[ax])
+    out[name] = jnp.pad(v, widths)
+  return out
+
+
+def take_latents(params: Params, n: int) -> Params:
+  """The first n latents (undoes pad_latents)."""
+  out = {}
+  for name, v in params.items():
+    ax = _latent_axis(name)
+    out[name] = v if ax is None else jax.lax.slice_in_dim(v, 0, n, axis=ax)
+  return out

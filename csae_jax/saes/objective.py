@@ -35,6 +35,20 @@ class SAEHyper(NamedTuple):
   groups: tuple[int, ...] = ()        # matryoshka group sizes (sum = n)
   compute_dtype: str = 'float32'      # encoder / decoder matmuls; params stay float32
   sparse_decode: bool = False         # topk: decode by gathering the k rows (O(B k d))
+  # Latents [n_valid:] are padding (SAEs of different sizes stacked for one vmapped step, the
+  # level-2 sweep over n2): they never fire and get no gradient. 0 = no padding.
+  n_valid: int = 0
+
+
+# Pre-activation of a padding latent: below every real score, so no selection ever takes it.
+PAD_ACT = float(np.finfo(np.float32).min)
+
+
+def latent_mask(h: SAEHyper, n: int):
+  """[n] bool of the real (non-padding) latents, or None when the SAE has no padding."""
+  if isinstance(h.n_valid, int) and h.n_valid == 0:
+    return None
+  return jnp.arange(n) < h.n_valid
 
 
 class LossOut(NamedTuple):
@@ -78,7 +92,7 @@ def auxk_from_decode(resid_hat_bd, resid_bd, dead_n, valid_b=None) -> jax.Array:
 def uses_sparse_step(h: SAEHyper) -> bool:
   """The custom-VJP k-sparse step (saes/sparse.py) serves TopK and BatchTopK with a static k."""
   return (h.sparse_decode and h.arch in ('topk', 'batch_topk') and h.k_anneal_steps <= 0
-          and isinstance(h.k, int))
+          and isinstance(h.k, int) and isinstance(h.n_valid, int) and h.n_valid == 0)
 
 
 def _cast(params: common.Params, dtype: str) -> common.Params:
@@ -95,6 +109,9 @@ def sae_loss(h: SAEHyper, params: common.Params, since_fired_n, x_bd: Float[Arra
   arch = saes.get_arch(h.arch)
   target_bd = x_bd if target_bd is None else target_bd
   dead_n = since_fired_n >= h.dead_tokens
+  valid_n = latent_mask(h, params['w_dec'].shape[0])
+  if valid_n is not None:  # padding is not "dead": AuxK must not pick it
+    dead_n = dead_n & valid_n
   sparse_aux = None
   if uses_sparse_step(h) and valid_b is None:
     cfg = sparse.SparseConfig(batch=h.arch == 'batch_topk', k=h.k,
@@ -137,6 +154,9 @@ def _dense_or_matryoshka(h: SAEHyper, arch, params, x_bd, target_bd, step, valid
   # params (gradients flow back to them in float32); selection, thresholds and losses in float32.
   cparams = _cast(params, h.compute_dtype)
   acts_bn = common.pre_acts(cparams, x_bd.astype(h.compute_dtype)).astype(jnp.float32)
+  valid_n = latent_mask(h, acts_bn.shape[-1])
+  if valid_n is not None:  # padding never selected: its codes are 0, its gradient exactly 0
+    acts_bn = jnp.where(valid_n, acts_bn, PAD_ACT)
   if not (h.sparse_decode and h.arch == 'matryoshka'):
     codes_bn = arch.train_codes(params, acts_bn, k_at(h, step), valid_b, h)
     x_hat_bd = common.decode(cparams, codes_bn.astype(h.compute_dtype)).astype(jnp.float32)

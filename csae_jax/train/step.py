@@ -57,7 +57,8 @@ def make_step(levels: dict[str, LevelSpec], optimizer: optax.GradientTransformat
 
   hp (sweeps): a dict of traced per-SAE scalars for the data level, vmapped with the stacked
   state: 'lr_scale' multiplies the Adam update (Adam is linear in its learning rate), the
-  other keys ('k', 'l1_coeff', 'l0_coeff', 'target_l0') replace SAEHyper fields.
+  other keys ('k', 'l1_coeff', 'l0_coeff', 'target_l0', 'd', 'n_valid') replace SAEHyper
+  fields ('n_valid': the SAE's real latents, the rest of the stacked dictionary is padding).
   """
   names = list(levels)
   data_level = names[0]
@@ -116,10 +117,14 @@ def make_step(levels: dict[str, LevelSpec], optimizer: optax.GradientTransformat
         rate = jnp.where(started, rate, 0.0)
       thresholds[name], since[name], rates[name] = thr, sf, rate
     for name in names:
-      metrics[f'{name}/dead_frac'] = jnp.mean(
-          (since[name] >= levels[name].hyper.dead_tokens).astype(jnp.float32))
+      n = since[name].shape[-1]
+      # padding latents (hp 'n_valid', sweeps over the dictionary size) are neither dead nor dense
+      real_n = (objective.latent_mask(levels[name].hyper._replace(n_valid=hp['n_valid']), n)
+                if name == data_level and 'n_valid' in hp else jnp.ones((n,), bool))
+      frac = lambda m_n: jnp.sum(m_n & real_n) / jnp.maximum(jnp.sum(real_n), 1)
+      metrics[f'{name}/dead_frac'] = frac(since[name] >= levels[name].hyper.dead_tokens)
       metrics[f'{name}/threshold'] = thresholds[name]
-      metrics[f'{name}/dense_frac'] = jnp.mean((rates[name] > DENSE_RATE).astype(jnp.float32))
+      metrics[f'{name}/dense_frac'] = frac(rates[name] > DENSE_RATE)
     new = st.replace(step=st.step + 1, params=params, opt_state=opt_state, threshold=thresholds,
                      since_fired=since, fire_rate=rates)
     return new, metrics

@@ -191,11 +191,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # report each (FVU, L0, dead, ground-truth recovery). Comma-separated values; '' = not swept.
   # e.g. --config.mode=sweep --config.sweep.k=2,4,8 --config.sweep.lr=1e-3,3e-3
   c.sweep = ml_collections.ConfigDict()
+  # 1: the level-1 grid below. 2: level-2 SAEs on the decoder rows of this config's level 1
+  # (trained once, stage 'level1', resumed like a staged run's), swept over seeds (level-2 init),
+  # lr (level2.lr) and n2 (level2.n_latents; smaller dictionaries are padded with latents that
+  # never fire), in one vmapped step; e.g. --config.sweep.level=2 --config.sweep.n2=8,16
+  c.sweep.level = 1
   c.sweep.seeds = ''
   c.sweep.lr = ''
   c.sweep.k = ''              # TopK / BatchTopK / Matryoshka k (jumprelu: its target L0)
   c.sweep.l1_coeff = ''       # relu_l1
   c.sweep.l0_coeff = ''       # jumprelu
+  c.sweep.n2 = ''             # sweep.level=2: level2.n_latents values
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1               # devices along the batch axis; -1 = all that remain
