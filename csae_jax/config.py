@@ -312,6 +312,13 @@ def validate(cfg: Config) -> Config:
     raise ValueError('train.sparse_decode needs a k-sparse level1.arch (topk, batch_topk, '
                      'matryoshka) with a fixed k (no k_anneal_frac) in staged mode; set '
                      '--config.train.sparse_decode=False')
+  if t.sparse_decode and cfg.mesh.model > 1:
+    # its lax.top_k and row gathers on the latent axis make XLA gather [batch, n_latents] and the
+    # whole decoder on every device (tests/train/test_latent_sharding.py); the dense step's
+    # bisection selection shards instead
+    raise ValueError(f'train.sparse_decode does not shard the latent axis (mesh.model = '
+                     f'{cfg.mesh.model}); set --config.train.sparse_decode=False or '
+                     f'--config.mesh.model=1')
   if not 0 < t.decay_start <= 1:
     raise ValueError(f'config key train.decay_start must be in (0, 1], got {t.decay_start}')
   _positive('joint.alpha', cfg.joint.alpha, allow_zero=True)
