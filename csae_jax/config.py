@@ -79,6 +79,9 @@ class SAEConfig:
   threshold_decay: float | None = None
   threshold_start: int | None = None
   l1_coeff: float = 0.1                 # relu_l1: weight of sum_i f_i ||d_i||
+  # k-sparse level 1 (topk, batch_topk, matryoshka): L1 on the selected codes, relative to a
+  # typical code (objective.code_l1_loss); None = the recipe's (level 2 and other archs: 0).
+  code_l1: float | None = None
   sparsity_warmup_frac: float = 0.05    # relu_l1 / jumprelu: coefficient warmup
   jumprelu_bandwidth: float = 0.05      # jumprelu: STE rectangle width
   jumprelu_init_threshold: float = 0.1  # jumprelu: initial threshold (unit-norm inputs)
@@ -266,6 +269,8 @@ def _validate_sae(key: str, sae: SAEConfig) -> None:
     _positive(f'{key}.{name}', getattr(sae, name), allow_zero=True)
   _positive(f'{key}.steps', sae.steps)
   _positive(f'{key}.restarts', sae.restarts)
+  if sae.code_l1 is not None:
+    _positive(f'{key}.code_l1', sae.code_l1, allow_zero=True)
   if sae.oversplit != 0 and sae.oversplit < 1:
     raise ValueError(f'config key {key}.oversplit must be 0 (auto: half the rows) or >= 1 (1: '
                      f'train exactly n_latents level-2 latents), got {sae.oversplit}')
@@ -405,12 +410,16 @@ def from_config_dict(cd: Any) -> Config:
   return validate(_build(Config, cd, ''))
 
 
+# Level 1's code L1 (objective.code_l1_loss), chosen on the robustness suite (README).
+DEFAULT_CODE_L1 = 0.075
+K_SPARSE_ARCHS = ('topk', 'batch_topk', 'matryoshka')
+
 # Recipe values for the fields left at None. 'reference' is the paper's code (PAPER.md).
 _RECIPE_DEFAULTS = {
     'default': dict(auxk_weight=1 / 32, dead_tokens=None, k_anneal_frac=0.0,
-                    decoder_init=None, threshold_start=None),
+                    decoder_init=None, threshold_start=None, code_l1=DEFAULT_CODE_L1),
     'reference': dict(auxk_weight=0.0, dead_tokens=None, k_anneal_frac=0.1,
-                      decoder_init='random', threshold_start=1000),
+                      decoder_init='random', threshold_start=1000, code_l1=0.0),
 }
 
 
@@ -432,6 +441,10 @@ def resolve_sae(sae: SAEConfig, *, d: int, n_latents: int, k: int, steps: int,
   # Level 2 (inputs: decoder rows) starts from k-means++ seeds: measured, it avoids the merged
   # groups a k=1 SAE gets stuck in; level 1 starts from random directions.
   fill['decoder_init'] = fill['decoder_init'] or ('kmeans++' if key == 'level2' else 'random')
+  # Level 2's inputs are decoder rows coded by k = 1: the tie the code L1 breaks (a feature
+  # coded as a co-firing parent plus a residual) is a level-1 matter.
+  if key != 'level1' or sae.arch not in K_SPARSE_ARCHS:
+    fill['code_l1'] = 0.0
   changes = {f: v for f, v in fill.items() if getattr(sae, f) is None}
   if sae.arch == 'matryoshka':
     groups = matryoshka_groups(sae.matryoshka_groups, n)

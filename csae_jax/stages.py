@@ -61,7 +61,8 @@ def level_spec(sae: config_lib.SAEConfig, d: int, steps: int,
       bandwidth=sae.jumprelu_bandwidth, l0_coeff=sae.l0_coeff,
       target_l0=float(sae.k) if sae.target_l0 < 0 else sae.target_l0,
       groups=config_lib.matryoshka_groups(sae.matryoshka_groups, sae.n_latents),
-      compute_dtype=compute_dtype, sparse_decode=sparse_decode)
+      compute_dtype=compute_dtype, sparse_decode=sparse_decode,
+      code_l1=sae.code_l1)
   return step_lib.LevelSpec(hyper, sae.threshold_decay, sae.threshold_start)
 
 
@@ -122,6 +123,8 @@ def stage_config(cfg: config_lib.Config, *parts: str) -> dict:
   for p in set(parts) & {'level1', 'level2'}:
     drop = POST_TRAINING_KEYS + (LEVEL2_ONLY_KEYS if p == 'level1' else ())
     out[p] = {k: v for k, v in out[p].items() if k not in drop}
+    if not out[p].get('code_l1'):  # 0 is the objective from before the key existed: same hash
+      out[p].pop('code_l1', None)
   return out
 
 

@@ -180,6 +180,19 @@ def test_resolve_user_data_auto_sizes():
   assert r.level1.k_aux == 32  # d // 2
 
 
+def test_code_l1_is_a_level1_k_sparse_default():
+  r = config_lib.resolve(_default(), d=64)
+  assert r.level1.code_l1 == config_lib.DEFAULT_CODE_L1 > 0
+  assert r.level2.code_l1 == 0.0  # level 2 codes decoder rows with k = 1: no tie to break
+  for change, want in ((dict(recipe='reference'), 0.0), (dict(arch='relu_l1'), 0.0),
+                       (dict(arch='batch_topk'), config_lib.DEFAULT_CODE_L1),
+                       (dict(code_l1=0.2), 0.2)):
+    cfg = _build(lambda d, change=change: d['level1'].update(**change))
+    assert config_lib.resolve(cfg, d=64).level1.code_l1 == want, change
+  with pytest.raises(ValueError, match='level1.code_l1'):
+    _build(lambda d: d['level1'].update(code_l1=-1.0))
+
+
 def test_resolve_explicit_sizes_kept():
   cfg = _build(lambda d: (d['level1'].update(n_latents=300, k=5),
                           d['level2'].update(n_latents=40, k=2)))

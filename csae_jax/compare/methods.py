@@ -203,7 +203,8 @@ def topk_reference(cfg, source, mesh, workdir, l1: Level1) -> Method:
   level 1 is exactly that SAE, it is reused rather than trained twice."""
   rcfg = dataclasses.replace(cfg, level1=config_lib.resolve_sae(
       dataclasses.replace(config_lib.SAEConfig(), n_latents=cfg.level1.n_latents,
-                          k=cfg.level1.k, arch='topk', alive_min_density=cfg.level1.alive_min_density),
+                          k=cfg.level1.k, arch='topk', alive_min_density=cfg.level1.alive_min_density,
+                          code_l1=0.0),  # plain: no code L1
       d=source.d, n_latents=cfg.level1.n_latents, k=cfg.level1.k, steps=cfg.train.steps,
       batch_size=cfg.train.batch_size, key='level1'))
   shared = rcfg.level1 == cfg.level1

@@ -49,12 +49,15 @@ def test_row_selection_is_each_rows_top_k():
   assert got == want
 
 
-@pytest.mark.parametrize('arch,b,d,n,k,overflow', [
-    ('topk', 24, 16, 96, 5, False),
-    ('batch_topk', 24, 16, 96, 5, False),
-    ('batch_topk', 32, 8, 300, 3, True),
+@pytest.mark.parametrize('arch,b,d,n,k,overflow,code_l1', [
+    ('topk', 24, 16, 96, 5, False, 0.0),
+    ('batch_topk', 24, 16, 96, 5, False, 0.0),
+    ('batch_topk', 32, 8, 300, 3, True, 0.0),
+    ('topk', 24, 16, 96, 5, False, 0.3),       # the code L1 through the custom VJP's values
+    ('batch_topk', 32, 8, 300, 3, True, 0.3),
 ])
-def test_sparse_loss_and_grads_match_dense_over_chunks(monkeypatch, arch, b, d, n, k, overflow):
+def test_sparse_loss_and_grads_match_dense_over_chunks(monkeypatch, arch, b, d, n, k, overflow,
+                                                       code_l1):
   # Chunks of 7 pairs: the scatter loops run many chunks and pad the last one.
   monkeypatch.setattr(sparse, 'CHUNK_BYTES', 7 * 4 * d)
   params = common.init_params(jax.random.key(2), d, n)
@@ -66,17 +69,22 @@ def test_sparse_loss_and_grads_match_dense_over_chunks(monkeypatch, arch, b, d, 
     assert _overflows(acts, k)
   since = jnp.where(jnp.arange(n) < n // 2, 0, 10**6)  # half dead: AuxK runs
   h = objective.SAEHyper(arch=arch, k=k, k_aux=2 * k, auxk_weight=1 / 32, dead_tokens=100,
-                         k_anneal_steps=0, d=d)
+                         k_anneal_steps=0, d=d, code_l1=code_l1)
   assert objective.uses_sparse_step(h._replace(sparse_decode=True))
 
   def loss(p, sp):
     out = objective.sae_loss(h._replace(sparse_decode=sp), p, since, x, 5)
-    return out.loss, (out.aux, out.l0)
+    return out.loss, (out.aux, out.l0, out.sparsity, out.codes_bn)
 
-  (ld, (ad, l0d)), gd = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
-      params, False)
-  (ls, (as_, l0s)), gs = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(
-      params, True)
+  (ld, (ad, l0d, sd, codes)), gd = jax.jit(jax.value_and_grad(loss, has_aux=True),
+                                             static_argnums=1)(params, False)
+  (ls, (as_, l0s, ss, _)), gs = jax.jit(jax.value_and_grad(loss, has_aux=True),
+                                        static_argnums=1)(params, True)
+  # the code L1 by hand: code_l1 / sqrt(k) x mean over rows of sum_i f_i ||d_i||
+  norms = np.linalg.norm(np.asarray(params['w_dec']), axis=-1)
+  want = code_l1 / np.sqrt(k) * np.mean(np.asarray(codes) @ norms)
+  assert float(sd) == pytest.approx(want, rel=1e-5, abs=1e-9)
+  assert float(ss) == pytest.approx(want, rel=1e-5, abs=1e-9)
   assert float(ad) > 0 and float(as_) == pytest.approx(float(ad), rel=1e-5)
   assert float(l0s) == pytest.approx(float(l0d)) and float(ls) == pytest.approx(float(ld), rel=1e-5)
   for key in ('w_enc', 'b_enc', 'w_dec', 'b_dec'):
