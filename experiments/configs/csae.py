@@ -107,6 +107,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     g.l0_coeff = 1.0                # jumprelu: weight of the L0 (or target-L0) loss
     g.target_l0 = -1.0              # jumprelu: -1 = steer L0 to k; 0 = plain L0 penalty
     g.matryoshka_groups = ''        # matryoshka: group sizes "a,b,..." summing to n; '' = halves
+    # k-sparse level 1: L1 on the selected codes, relative to a typical code (shrinks it by about
+    # code_l1 / 2). It breaks the tie between a child and (its co-firing parent + a residual),
+    # which code equally well under a top-k budget. None: the recipe's (default 0.075,
+    # reference 0; level 2 and the other archs 0). Chosen on the robustness suite (README).
+    g.code_l1 = config_dict.placeholder(float)
     return g
 
   # Level 1: the SAE on activations. TopK, not the paper's BatchTopK: given a k above the true
