@@ -117,6 +117,9 @@ class SAEConfig:
   # After the merge, a concept whose two halves (2-means) the merge would keep apart is split
   # (merge.split_labels): a level-2 latent can hold two correlated concepts.
   split: bool = True
+  # Rows whose level-1 feature's mean code (when it fires, x its decoder norm) is below this
+  # fraction of the median row's join no concept (concepts.weak_rows); 0 = every row joins.
+  weak_code_frac: float = 0.2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,6 +274,9 @@ def _validate_sae(key: str, sae: SAEConfig) -> None:
   _positive(f'{key}.restarts', sae.restarts)
   if sae.code_l1 is not None:
     _positive(f'{key}.code_l1', sae.code_l1, allow_zero=True)
+  if not 0 <= sae.weak_code_frac < 1:
+    raise ValueError(f'config key {key}.weak_code_frac = {sae.weak_code_frac} must be in [0, 1) '
+                     '(0 = off)')
   if sae.oversplit != 0 and sae.oversplit < 1:
     raise ValueError(f'config key {key}.oversplit must be 0 (auto: half the rows) or >= 1 (1: '
                      f'train exactly n_latents level-2 latents), got {sae.oversplit}')

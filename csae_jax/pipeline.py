@@ -64,7 +64,7 @@ def fit(cfg: config_lib.Config, source, mesh, workdir: str, *, hooks=()) -> Resu
                      f'call csae_jax.modes.run for every mode')
   alive_ids, rows_rd = l1.alive_rows()
   hier, concept_params, info = concepts.build(jax.device_get(l2.params), rows_rd, alive_ids,
-                                              cfg.level2)
+                                              cfg.level2, code_r=l1.alive_codes())
   if concept_params is not None:  # one latent per concept (concepts.py)
     l2 = dataclasses.replace(l2, params=concept_params, threshold=-1.0, arch='topk', k=1)
   metrics = {**l2.metrics, **info, **_metrics(cfg, source, l1, l2, hier)}

@@ -106,7 +106,7 @@ def unit_rows(params) -> np.ndarray:
 # SAEConfig fields read after training, by the concept step on the finished level-2 SAE: a
 # change reruns that step, not the training.
 POST_TRAINING_KEYS = ('assign_threshold', 'isolate_q', 'merge_floor', 'merge_ratio', 'merge_z',
-                      'refine', 'split')
+                      'refine', 'split', 'weak_code_frac')
 # SAEConfig fields only the level-2 stage reads: level 1's checkpoints do not depend on them
 # (a new level-2 default must not throw away a finished level 1).
 LEVEL2_ONLY_KEYS = ('oversplit', 'restarts')

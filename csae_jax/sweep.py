@@ -164,7 +164,8 @@ def run_level2(cfg: config_lib.Config, source, mesh, workdir: str, *, hooks=()) 
     thr = float(res.state.threshold['level2'][r])
     cfg_m = dataclasses.replace(cfg, level2=dataclasses.replace(cfg.level2, n_latents=m['n2']))
     fit_m = staged.metrics(cfg_m, p, thr, rows_rd)
-    hier, _, info = concepts.build(jax.device_get(p), rows_rd, alive_ids, cfg_m.level2)
+    hier, _, info = concepts.build(jax.device_get(p), rows_rd, alive_ids, cfg_m.level2,
+                                   code_r=l1.alive_codes())
     decoders[f'member_{r}'] = np.asarray(jax.device_get(p['w_dec']), np.float32)
     row = {'member': r, **m, 'latents_trained': s2.n_latents, 'fvu': fit_m['level2/fvu'],
            'l0': fit_m['level2/l0'], 'dead_frac': fit_m['level2/dead_frac'],

@@ -31,6 +31,14 @@ class Level1:
   alive_n: np.ndarray   # [n1] bool: fires on at least alive_min_density of held-out inputs
   ev: dict              # recon.RunningStats.result() on the held-out rows
 
+  def alive_codes(self) -> np.ndarray | None:
+    """[r] mean code when firing x decoder norm of the alive features (None without it)."""
+    mean_code_n = self.ev.get('mean_code_n') if self.ev else None
+    if mean_code_n is None:
+      return None
+    norms_n = np.linalg.norm(np.asarray(self.params['w_dec']), axis=-1)
+    return (np.asarray(mean_code_n) * norms_n)[np.nonzero(self.alive_n)[0]]
+
   def alive_rows(self) -> tuple[np.ndarray, np.ndarray]:
     """(ids of the alive features [r], their unit decoder rows [r, d]): what groupings group."""
     alive_ids = np.nonzero(self.alive_n)[0]

@@ -29,7 +29,7 @@ def stats_from_codes(params: common.Params, x_bd, codes_bn) -> dict:
       jnp.linalg.norm(x_hat_bd, axis=-1) * jnp.linalg.norm(x_bd, axis=-1), 1e-12)
   return {'sq_err': jnp.sum((x_hat_bd - x_bd) ** 2), 'sum_x': jnp.sum(x_bd, 0),
           'sum_sq': jnp.sum(x_bd ** 2), 'l0': jnp.sum(codes_bn > 0), 'cos': jnp.sum(cos_b),
-          'fires_n': jnp.sum(codes_bn > 0, 0)}
+          'fires_n': jnp.sum(codes_bn > 0, 0), 'code_sum_n': jnp.sum(codes_bn, 0)}
 
 
 @functools.partial(jax.jit, static_argnames=('arch', 'k'))
@@ -65,7 +65,9 @@ class RunningStats:
             'mse': float(tot['sq_err'] / n), 'cos': float(tot['cos'] / n),
             'l0': float(tot['l0'] / n), 'dead_frac': float(np.mean(fires_n == 0)),
             'dense_frac': float(np.mean(density_n > DENSE_RATE)), 'fires_n': fires_n,
-            'density_n': density_n, 'n_rows': n}
+            'density_n': density_n, 'n_rows': n,
+            # mean code of each latent over the inputs it fires on (0 where it never fires)
+            'mean_code_n': tot['code_sum_n'] / np.maximum(fires_n, 1)}
 
 
 def evaluate(params: common.Params, batches: Iterable[np.ndarray], threshold, *, arch: str,
