@@ -42,6 +42,14 @@ AXES2 = ('seeds', 'lr', 'n2')
 PADDABLE = ('topk', 'batch_topk')
 
 
+def _write_results(out_dir: str, rows: list[dict]) -> None:
+  """<out_dir>/results.json and results.md of a sweep's rows (process 0 calls it)."""
+  os.makedirs(out_dir, exist_ok=True)
+  ckpt_lib.write_json_atomic(os.path.join(out_dir, 'results.json'), rows)
+  with open(os.path.join(out_dir, 'results.md'), 'w') as f:
+    f.write(table(rows) + '\n')
+
+
 def grid(cfg: config_lib.Config) -> list[dict]:
   s1, t = cfg.level1, cfg.train
   base = {'seeds': [t.seed], 'lr': [t.lr], 'k': [s1.k], 'l1_coeff': [s1.l1_coeff],
@@ -96,10 +104,7 @@ def run(cfg: config_lib.Config, source, mesh, workdir: str, *, hooks=()) -> dict
     rows.append(row)
   out_dir = os.path.join(workdir, 'sweep')
   if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt_lib.write_json_atomic(os.path.join(out_dir, 'results.json'), rows)
-    with open(os.path.join(out_dir, 'results.md'), 'w') as f:
-      f.write(table(rows) + '\n')
+    _write_results(out_dir, rows)
     plots.pareto(rows, os.path.join(out_dir, 'pareto.png'), title=f'{s1.arch} sweep')
   best = min(rows, key=lambda r: r['fvu'])
   return {'mode': 'sweep', 'sweep/n': len(rows), 'sweep/best_fvu': best['fvu'],
@@ -180,10 +185,7 @@ def run_level2(cfg: config_lib.Config, source, mesh, workdir: str, *, hooks=()) 
   stage1.close()
   out_dir = os.path.join(workdir, 'sweep_level2')
   if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt_lib.write_json_atomic(os.path.join(out_dir, 'results.json'), rows)
-    with open(os.path.join(out_dir, 'results.md'), 'w') as f:
-      f.write(table(rows) + '\n')
+    _write_results(out_dir, rows)
     # each member's level-2 decoder [n2_trained, d] (the rows of its `member` in results.json)
     np.savez(os.path.join(out_dir, 'decoders.npz'), **decoders)
   best = min(rows, key=lambda r: r['fvu'])
