@@ -20,7 +20,6 @@ setup(
         'absl-py',
         'numpy',
         # Added libraries (the README says why each is here):
-        'grain==0.2.18',
         'safetensors>=0.4',
         'scipy',
         'scikit-learn',

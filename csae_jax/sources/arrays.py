@@ -2,9 +2,9 @@
 
 Files in a directory are sorted by name and their rows concatenated into global ids [0, N).
 Everything is memory-mapped; only the rows a batch needs are ever read. Batch order comes from
-grain's index shuffle (a Feistel permutation computed per index), so no permutation of N is held
-in memory and the batch at a step is a pure function of (seed, step, data): resuming needs only
-the step number.
+a vectorised Feistel permutation (`permutation.Permutation`), so no permutation of N is held in
+memory and the batch at a step is a pure function of (seed, step, data): the step number saved
+in a checkpoint is the stream's position, and a resumed run reads the next unseen batch.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import re
 import struct
 from typing import Iterable
 
-import grain
 import ml_dtypes
 import numpy as np
 
 from csae_jax.sources import batches as batches_lib
+from csae_jax.sources import permutation
 
 # Held-out split seed: fixed and independent of the training seed, so every run over the same
 # data evaluates on the same rows and no training seed can leak eval rows into training.
@@ -126,18 +126,14 @@ def discover(path: str) -> list[ArrayFile]:
 
 
 def _open(f: ArrayFile) -> np.ndarray:
-  """A read-only memmap `[n_rows, d]` of the file, in its stored dtype."""
+  """A read-only memmap `[n_rows, d]` of the file, in its stored dtype. The kernel's default
+  read-ahead stays on: MADV_RANDOM read fewer bytes per cold batch but made one I/O per row,
+  which an IOPS-limited cloud disk punishes (`benchmarks/stream_read.py` measures both)."""
   if f.kind == "npy":
     return np.load(f.path, mmap_mode="r", allow_pickle=False)
   return np.memmap(f.path, dtype=_ST_DTYPES[{"float32": "F32", "float16": "F16",
                                               "bfloat16": "BF16"}[f.dtype]],
                    mode="r", offset=f.offset, shape=(f.n_rows, f.d))
-
-
-def _mix_seed(tag: str, seed: int) -> int:
-  # grain reshuffles epoch e with seed+e, so raw seeds s and s+1 would replay each other's
-  # orders one epoch apart; hashing decorrelates runs of a seed sweep.
-  return int.from_bytes(hashlib.sha256(f"{tag}:{seed}".encode()).digest()[:4], "little")
 
 
 class ArraySource:
@@ -176,14 +172,11 @@ class ArraySource:
     self.batch_size, self.seed = batch_size, seed
     self.process_index, self.process_count = process_index, process_count
 
-    # Positions [0, n_train) of the split permutation train; [n_train, N) are held out.
-    split = grain.MapDataset.range(self.n_rows).shuffle(seed=_SPLIT_SEED)
-    self._eval_ds = split.slice(slice(self.n_train, self.n_rows))
-    # Shuffle/repeat *positions* and only then map them through `split`: grain forwards indices
-    # past len() to the parent as "next epoch", so repeating split.slice(...) would re-draw the
-    # split every epoch and leak held-out rows into training.
-    self._train_ds = (grain.MapDataset.range(self.n_train).shuffle(seed=_mix_seed("train", seed))
-                      .repeat(None).map(lambda pos: split[pos]).batch(batch_size))
+    # Positions [0, n_train) of the split permutation train; [n_train, N) are held out. Each
+    # epoch permutes the train *positions* afresh and maps them through the one split, so no
+    # epoch can draw a held-out row.
+    self._split = permutation.Permutation(self.n_rows, f"split:{_SPLIT_SEED}")
+    self._epochs: dict[int, permutation.Permutation] = {}
 
     self.fingerprint = self._fingerprint()
     self.scale = float(scale) if scale is not None else self._compute_scale(norm_sample_rows)
@@ -229,7 +222,21 @@ class ArraySource:
     """`[batch_size]` int64 global row ids of the global batch at `step` (epochs roll over)."""
     if step < 0:
       raise ValueError(f"step must be >= 0, got {step}.")
-    return np.asarray(self._train_ds[step], dtype=np.int64)
+    pos_b = step * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
+    epoch_b, within_b = np.divmod(pos_b, self.n_train)
+    out_b = np.empty(self.batch_size, np.int64)
+    for e in np.unique(epoch_b):  # one or two epochs per batch (batch_size <= n_train)
+      sel = epoch_b == e
+      out_b[sel] = self._epoch(int(e))(within_b[sel])
+    return self._split(out_b)
+
+  def _epoch(self, e: int) -> permutation.Permutation:
+    if e not in self._epochs:
+      if len(self._epochs) > 8:
+        self._epochs.clear()
+      # keyed by (seed, epoch) together: seeds s and s + 1 share no epoch's order
+      self._epochs[e] = permutation.Permutation(self.n_train, f"train:{self.seed}:{e}")
+    return self._epochs[e]
 
   def batch(self, step: int) -> np.ndarray:
     """This process's contiguous slice of the global batch, `[batch_size // process_count, d]`."""
@@ -240,7 +247,7 @@ class ArraySource:
   def eval_row_ids(self, max_rows: int) -> np.ndarray:
     """Global ids of the held-out rows in `eval_batches` order (to look up a row's image and
     patch in a harvest's index.npz)."""
-    return np.array([self._eval_ds[i] for i in range(min(max_rows, self.n_eval))], np.int64)
+    return self._split(self.n_train + np.arange(min(max_rows, self.n_eval), dtype=np.int64))
 
   def eval_batches(self, max_rows: int, batch_size: int) -> batches_lib.Batches:
     """Held-out rows, scaled float32, fixed order, at most `max_rows` total (last may be short)."""
@@ -264,6 +271,9 @@ class ArraySource:
 
   def _fingerprint(self) -> str:
     h = hashlib.sha256()
+    # The order's version is part of the data's identity: a stage trained on another split or
+    # order must not resume on this one (its held-out rows would have been trained on).
+    h.update(f"order:feistel{permutation.ROUNDS}\n".encode())
     for f, mm in zip(self.files, self._maps):
       h.update(f"{f.name}|{f.n_rows}|{f.d}|{f.dtype}|{os.path.getsize(f.path)}\n".encode())
       if mm is not None:
@@ -275,7 +285,8 @@ class ArraySource:
     return {"kind": "arrays", "path": os.path.abspath(self.path),
             "files": [{"name": f.name, "n_rows": f.n_rows, "dtype": f.dtype} for f in self.files],
             "n_rows": self.n_rows, "d": self.d, "scale": self.scale,
-            "fingerprint": self.fingerprint, "n_train": self.n_train, "n_eval": self.n_eval}
+            "fingerprint": self.fingerprint, "n_train": self.n_train, "n_eval": self.n_eval,
+            "order": f"feistel{permutation.ROUNDS}"}
 
 
 def write_shards(out_dir: str, rows_nd_iter: Iterable[np.ndarray], *, rows_per_shard: int = 65536,
