@@ -180,11 +180,17 @@ def site_batches(prep: Preprocessing, harvester: Harvester, ids: list[int], batc
     yield b, labels[:len(b)], harvester(pixels, grid, np.asarray(b), store_dtype)
 
 
+def _all_gather(tree):
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(tree)
+
+
 def _open_stores(root: str, sites: list[str], manifest: dict, overwrite: bool
                  ) -> dict[str, harvest_store.SiteStore]:
   """One writer of the manifests: process 0 creates, validates or overwrites them (an overwrite's
   rmtree must not race another process's chunk writes), then every process passes a barrier and
-  the others check what process 0 left (the same error where it refused)."""
+  the others check what process 0 left (the same error where it refused); if any process fails,
+  every process raises."""
   if jax.process_count() == 1:
     return {s: harvest_store.SiteStore(root, s, manifest, overwrite=overwrite) for s in sites}
   stores, error = {}, None
@@ -195,11 +201,20 @@ def _open_stores(root: str, sites: list[str], manifest: dict, overwrite: bool
     except ValueError as e:  # still meet the others at the barrier, or they would wait forever
       error = e
   ckpt_lib.barrier('harvest/manifests')
+  if jax.process_index() != 0:
+    try:
+      stores = {s: harvest_store.SiteStore(root, s, manifest, overwrite=False, create=False)
+                for s in sites}
+    except ValueError as e:
+      error = e
+  # all stop if one cannot go on (e.g. a --workdir that is not shared): the others would wait
+  # for its chunks at the end
+  failed = np.flatnonzero(_all_gather(np.int32(error is not None))).tolist()
   if error is not None:
     raise error
-  if jax.process_index() != 0:
-    stores = {s: harvest_store.SiteStore(root, s, manifest, overwrite=False, create=False)
-              for s in sites}
+  if failed:
+    raise ValueError(f'process(es) {failed} of this harvest could not open the store in '
+                     f'{root}; their logs name the problem')
   return stores
 
 
@@ -211,11 +226,10 @@ def _gather_runs(todo: list[int], n_chunks: int, done_images: int, elapsed: floa
                  ) -> tuple[list[list[int]], int, float]:
   """(chunks each process ran, images timed on all, the longest time): an all-gather, so also
   the barrier that every process's chunks are on disk before process 0 finalizes."""
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
   ran = np.zeros(n_chunks, np.int32)
   ran[todo] = 1
-  out = multihost_utils.process_allgather(
-      {'ran': ran, 'images': np.int64(done_images), 'elapsed': np.float64(elapsed)})
+  out = _all_gather(
+      {'ran': ran, 'images': np.int32(done_images), 'elapsed': np.float32(elapsed)})
   return ([np.flatnonzero(r).tolist() for r in out['ran']], int(np.sum(out['images'])),
           float(np.max(out['elapsed'])))
 

@@ -1,7 +1,8 @@
 """A harvest by 2 real processes on 127.0.0.1 (1 CPU device each, the CLI's multi-process flags)
 into one workdir: each process harvests only its chunks (c % 2), process 0 writes the manifests
 and the index, and the store equals a 1-process harvest of the same images exactly; a restart
-resumes at each process's unfinished chunks; a store of other settings fails on both."""
+resumes at each process's unfinished chunks; a store of other settings, or a workdir that
+is not shared, fails on both."""
 
 import json
 import os
@@ -38,16 +39,18 @@ def _overrides(folder: str, images: str, **kw) -> dict:
   return out
 
 
-def _two_processes(wd, overrides: dict, timeout: float = 300) -> tuple[list[int], list[str]]:
+def _two_processes(wd, overrides: dict, timeout: float = 300, wd_1=None
+                   ) -> tuple[list[int], list[str]]:
   """`python -m experiments.run --config=experiments/configs/harvest.py ...` as processes 0 and
-  1 of one run; (exit codes, logs). Both are killed if they outlive the timeout."""
+  1 of one run (process 1 on wd_1 if given); (exit codes, logs). Both are killed if they outlive
+  the timeout."""
   port, procs = _free_port(), []
   flags = [f'--config.{k}={v}' for k, v in overrides.items()]
-  for i in range(2):
+  for i, workdir in enumerate((wd, wd_1 or wd)):
     log = open(f'{wd}.{i}.log', 'w')
     procs.append(subprocess.Popen(
         [sys.executable, '-m', 'experiments.run', '--config=experiments/configs/harvest.py',
-         *flags, f'--workdir={wd}', f'--coordinator_address=127.0.0.1:{port}',
+         *flags, f'--workdir={workdir}', f'--coordinator_address=127.0.0.1:{port}',
          '--num_processes=2', f'--process_id={i}'], cwd=cli_runs.ROOT,
         env=cli_runs.env(devices=1), stdout=log, stderr=subprocess.STDOUT))
   deadline = time.time() + timeout
@@ -159,3 +162,14 @@ def test_other_settings_fail_on_every_process(runs):
   for log in logs:
     assert 'holds a harvest made with other settings' in log and "'image_size'" in log, log
   _assert_same_store(_read_store(wd), before)  # nothing deleted or written
+
+
+def test_a_workdir_not_shared_fails_on_every_process(runs, tmp_path):
+  """Process 1 does not see process 0's store (here: another folder, as a host-local disk):
+  both stop at once instead of process 0 waiting for chunks that never come."""
+  _, _, _, _, overrides = runs
+  codes, logs = _two_processes(tmp_path / 'host0', overrides, wd_1=tmp_path / 'host1')
+  assert codes == [2, 2], '\n'.join(log[-3000:] for log in logs)
+  assert 'process(es) [1] of this harvest could not open the store' in logs[0], logs[0]
+  assert 'on a filesystem they all see' in logs[1], logs[1]
+  assert not os.path.exists(tmp_path / 'host0' / 'activations' / 'harvest.json')
