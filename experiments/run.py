@@ -167,6 +167,10 @@ def main(argv):
     if _CONFIG.value.get('stage') == 'harvest':
       from csae_jax.sources import harvest  # pylint: disable=g-import-not-at-top
       result = harvest.run(_CONFIG.value, workdir)
+      if jax.process_index() != 0:  # process 0 prints the store's summary
+        print(f'process {jax.process_index()} of {jax.process_count()} done (harvested chunks '
+              f'{result["chunks_run_by_process"][jax.process_index()]})')
+        return
       print(harvest_summary(result))
       return
     if _CONFIG.value.get('stage') in ('steer', 'steer_synthetic'):

@@ -180,15 +180,77 @@ def site_batches(prep: Preprocessing, harvester: Harvester, ids: list[int], batc
     yield b, labels[:len(b)], harvester(pixels, grid, np.asarray(b), store_dtype)
 
 
+def _all_gather(tree):
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return multihost_utils.process_allgather(tree)
+
+
+def _open_stores(root: str, sites: list[str], manifest: dict, overwrite: bool
+                 ) -> dict[str, harvest_store.SiteStore]:
+  """One writer of the manifests: process 0 creates, validates or overwrites them (an overwrite's
+  rmtree must not race another process's chunk writes), then every process passes a barrier and
+  the others check what process 0 left (the same error where it refused); if any process fails,
+  every process raises."""
+  if jax.process_count() == 1:
+    return {s: harvest_store.SiteStore(root, s, manifest, overwrite=overwrite) for s in sites}
+  stores, error = {}, None
+  if jax.process_index() == 0:
+    try:
+      stores = {s: harvest_store.SiteStore(root, s, manifest, overwrite=overwrite)
+                for s in sites}
+    except ValueError as e:  # still meet the others at the barrier, or they would wait forever
+      error = e
+  ckpt_lib.barrier('harvest/manifests')
+  if jax.process_index() != 0:
+    try:
+      stores = {s: harvest_store.SiteStore(root, s, manifest, overwrite=False, create=False)
+                for s in sites}
+    except ValueError as e:
+      error = e
+  # all stop if one cannot go on (e.g. a --workdir that is not shared): the others would wait
+  # for its chunks at the end
+  failed = np.flatnonzero(_all_gather(np.int32(error is not None))).tolist()
+  if error is not None:
+    raise error
+  if failed:
+    raise ValueError(f'process(es) {failed} of this harvest could not open the store in '
+                     f'{root}; their logs name the problem')
+  return stores
+
+
+def _chunk_bounds(c: int, chunk_images: int, n_images: int) -> tuple[int, int]:
+  return c * chunk_images, min((c + 1) * chunk_images, n_images)
+
+
+def _gather_runs(todo: list[int], n_chunks: int, done_images: int, elapsed: float
+                 ) -> tuple[list[list[int]], int, float]:
+  """(chunks each process ran, images timed on all, the longest time): an all-gather, so also
+  the barrier that every process's chunks are on disk before process 0 finalizes."""
+  ran = np.zeros(n_chunks, np.int32)
+  ran[todo] = 1
+  out = _all_gather(
+      {'ran': ran, 'images': np.int32(done_images), 'elapsed': np.float32(elapsed)})
+  return ([np.flatnonzero(r).tolist() for r in out['ran']], int(np.sum(out['images'])),
+          float(np.max(out['elapsed'])))
+
+
 def run(cd, workdir: str) -> dict:
-  """Harvests every chunk not yet on disk; returns counts and throughput."""
+  """Harvests every chunk not yet on disk; returns counts and throughput.
+
+  In a multi-process run (jax.process_count() > 1, all processes on the same --workdir of a
+  shared filesystem) chunk c is process c % process_count's: each runs the model on its own
+  devices on its own chunks (no cross-process collective in the forward), process 0 alone
+  writes the manifests, and once every chunk is on disk, the index, images.json and
+  harvest.json. The store is then the one a 1-process harvest writes, file for file."""
   cfg = cd if isinstance(cd, config_lib.HarvestConfig) else config_lib.harvest_from_config_dict(cd)
   port, _ = registry.resolve(cfg.model)
   sites = parse_sites(cfg.sites, registry.default_site(cfg.model))
   imgs = images_lib.open_images(cfg.images, data_dir=cfg.data_dir, split=cfg.split)
   n_images = min(len(imgs), cfg.max_images) if cfg.max_images else len(imgs)
   pre = registry.preprocessor(port, cfg.model_path, cfg.image_size)
-  mesh = sharding.make_mesh(cfg.mesh) if cfg.mesh.model > 1 else None
+  # the local devices: a mesh over every process's devices would make each forward a
+  # cross-process collective, while each process harvests chunks of its own
+  mesh = sharding.make_mesh(cfg.mesh, jax.local_devices()) if cfg.mesh.model > 1 else None
   model = registry.load(port, cfg.model_path, dtype=cfg.dtype, mesh=mesh)
   harvester = Harvester(model, pre, sites, prompt=cfg.prompt, all_tokens=cfg.all_tokens)
   root = os.path.join(os.path.abspath(workdir), 'activations')
@@ -198,18 +260,24 @@ def run(cd, workdir: str) -> dict:
               'prompt': cfg.prompt if harvester.text else None, 'all_tokens': cfg.all_tokens,
               'chunk_images': cfg.chunk_images, 'dtype': cfg.dtype,
               'store_dtype': cfg.store_dtype}
-  stores = {s: harvest_store.SiteStore(root, s, manifest, overwrite=cfg.overwrite)
-            for s in sites}
+  stores = _open_stores(root, sites, manifest, cfg.overwrite)
   n_chunks = -(-n_images // cfg.chunk_images)
-  todo = [c for c in range(n_chunks) if not all(st.done(c) for st in stores.values())]
-  bar = tqdm(total=n_images, initial=n_images - sum(
-      min(cfg.chunk_images, n_images - c * cfg.chunk_images) for c in todo),
-             desc=f'harvest {",".join(sites)}', unit='img', file=sys.stderr,
+  rank, n_proc = jax.process_index(), jax.process_count()
+  mine = list(range(rank, n_chunks, n_proc))
+  todo = [c for c in mine if not all(st.done(c) for st in stores.values())]
+  size = lambda c: len(range(*_chunk_bounds(c, cfg.chunk_images, n_images)))  # noqa: E731
+  tag = ''
+  if n_proc > 1:
+    tag = f' [process {rank} of {n_proc}]'
+    print(f'process {rank} of {n_proc}: harvesting chunks {todo} (its chunks: {mine})',
+          file=sys.stderr, flush=True)
+  bar = tqdm(total=sum(map(size, mine)), initial=sum(map(size, mine)) - sum(map(size, todo)),
+             desc=f'harvest {",".join(sites)}{tag}', unit='img', file=sys.stderr,
              dynamic_ncols=True, mininterval=1.0)
   t0, done_images, t_first = time.perf_counter(), 0, None
   prep = Preprocessing(cfg, imgs, pre)
   for c in todo:
-    lo, hi = c * cfg.chunk_images, min((c + 1) * cfg.chunk_images, n_images)
+    lo, hi = _chunk_bounds(c, cfg.chunk_images, n_images)
     parts, chunk_images = {s: [] for s in sites}, {}
     for ids, labels, out in site_batches(prep, harvester, list(range(lo, hi)), cfg.batch_size,
                                          cfg.store_dtype):
@@ -229,11 +297,22 @@ def run(cd, workdir: str) -> dict:
   bar.close()
   prep.close()
   elapsed = time.perf_counter() - (t_first or t0)
-  rows = {s: st.finalize(n_chunks) for s, st in stores.items()}
-  result = {'stage': 'harvest', 'sites': sites, 'n_images': n_images,
-            'rows': rows, 'dirs': {s: st.dir for s, st in stores.items()},
-            'chunks_run': len(todo),
-            'images_per_s': round(done_images / elapsed, 3) if done_images else None,
-            'device': jax.devices()[0].device_kind, 'config': dataclasses.asdict(cfg)}
-  ckpt_lib.write_json_atomic(os.path.join(root, 'harvest.json'), result)
-  return result
+  by_process = None
+  if n_proc > 1:
+    by_process, done_images, elapsed = _gather_runs(todo, n_chunks, done_images, elapsed)
+  path = os.path.join(root, 'harvest.json')
+  if rank == 0:
+    rows = {s: st.finalize(n_chunks) for s, st in stores.items()}
+    result = {'stage': 'harvest', 'sites': sites, 'n_images': n_images,
+              'rows': rows, 'dirs': {s: st.dir for s, st in stores.items()},
+              'chunks_run': len(todo) if by_process is None else sum(map(len, by_process)),
+              'images_per_s': round(done_images / elapsed, 3) if done_images else None,
+              'device': jax.devices()[0].device_kind, 'config': dataclasses.asdict(cfg)}
+    if by_process is not None:  # which process wrote which chunks this run
+      result.update(processes=n_proc, chunks_run_by_process=by_process)
+    ckpt_lib.write_json_atomic(path, result)
+  if n_proc == 1:
+    return result
+  # every process returns once the store is final (a next command on any host may read it)
+  ckpt_lib.barrier('harvest/finalized')
+  return ckpt_lib.read_json(path)

@@ -8,6 +8,8 @@
         images.json           all chunks' images (written at the end)
         manifest.json         what made it (model, site, image size, prompt, images, chunking)
 
+Shards are named by chunk, so the processes of a multi-process harvest (each writing its own
+chunks, `harvest.run`) never write the same file, and the name order is the 1-process order.
 A chunk is complete when its shard and its .idx.npz exist (both written to a temporary name and
 renamed), so a killed harvest restarts at its first incomplete chunk. `ArraySource` reads only
 `.npy`/`.safetensors`, so the folder is directly a `--config.data.path` of the CSAE run.
@@ -32,21 +34,39 @@ def site_dirname(site: str) -> str:
 class SiteStore:
   """Chunked writer for one site's activations."""
 
-  def __init__(self, root: str, site: str, manifest: dict, *, overwrite: bool):
+  def __init__(self, root: str, site: str, manifest: dict, *, overwrite: bool,
+               create: bool = True):
+    """create=False (the other processes of a multi-process harvest): only check the manifest
+    that process 0 wrote, so one process alone deletes or writes it."""
     self.dir = os.path.join(root, site_dirname(site))
     path = os.path.join(self.dir, 'manifest.json')
     want = {'schema_version': SCHEMA_VERSION, 'site': site, **manifest}
+    if not create:
+      self._check(path, want)
+      return
     if os.path.exists(path):
       have = ckpt_lib.read_json(path)
       if have != want:
         if not overwrite:
-          diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-          raise ValueError(f'{self.dir} holds a harvest made with other settings (differs in '
-                           f'{diff}); use another --workdir, or --config.overwrite=True to '
-                           f'delete it and start again')
+          raise self._mismatch(have, want)
         shutil.rmtree(self.dir)
     os.makedirs(self.dir, exist_ok=True)
     ckpt_lib.write_json_atomic(path, want)
+
+  def _mismatch(self, have: dict, want: dict) -> ValueError:
+    diff = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+    return ValueError(f'{self.dir} holds a harvest made with other settings (differs in '
+                      f'{diff}); use another --workdir, or --config.overwrite=True to '
+                      f'delete it and start again')
+
+  def _check(self, path: str, want: dict) -> None:
+    if not os.path.exists(path):
+      raise ValueError(f'{path} does not exist after process 0 created it: every process of a '
+                       f'multi-process harvest needs the same --workdir on a filesystem they all '
+                       f'see (a shared disk), or process 0 failed (see its log)')
+    have = ckpt_lib.read_json(path)
+    if have != want:  # process 0 refused it (no overwrite) and says the same
+      raise self._mismatch(have, want)
 
   def _paths(self, chunk: int) -> tuple[str, str, str]:
     return (os.path.join(self.dir, f'shard_{chunk:05d}.npy'),

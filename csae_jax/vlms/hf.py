@@ -225,7 +225,9 @@ def _materialize(model: nnx.Module, names: Sequence[str], fetch: Callable[[Itera
                                        skip_tied_head)
   if sharding is None:
     if mesh is None:
-      one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+      # this process's first device (jax.devices()[0] is process 0's in a multi-process run,
+      # where each process of a harvest loads its own copy)
+      one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
       sharding = lambda path, leaf: one  # noqa: E731
     else:
       sharding = default_sharding(mesh)

@@ -8,6 +8,10 @@ writes WD/activations/<site, '/' -> '_'>/ (shards [n_tokens, d], index.npz, imag
 manifest.json), usable directly as `--config.data.path` of experiments/configs/csae.py.
 Resumable: the same command after an interruption continues at the first unfinished chunk.
 
+On several hosts (or processes), the same command on each with --coordinator_address=HOST0:PORT
+--num_processes=N --process_id=I and one --workdir on a shared filesystem: chunk c is harvested
+by process c % N, process 0 writes the manifests and, at the end, the index (README, Harvesting).
+
 Sites: vision/block_{i} (output of vision block i, every patch token), vision/merger (merged image
 tokens entering the language model), vision/deepstack_{j} (Qwen3-VL), vision/projector (Gemma-3,
 LLaVA: the image tokens entering the language model), vision/embedding (SigLIP / CLIP alone: one
@@ -47,6 +51,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.dtype = 'float32'      # model compute dtype: 'float32' | 'bfloat16'
   c.store_dtype = 'float32'  # saved activations: 'float32' | 'float16'
   c.overwrite = False      # True: delete a site folder made with other settings and start again
+  # the devices of each process (a multi-process harvest gives each process its own chunks and
+  # runs them on its local devices only)
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1         # devices along the image batch
   c.mesh.model = 1         # devices the model's large weights are sharded over
