@@ -8,6 +8,7 @@ Nothing here knows about modes: `cascade/` (level 1, staged level 2, joint), `co
 from __future__ import annotations
 
 import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -68,6 +69,15 @@ def level_spec(sae: config_lib.SAEConfig, d: int, steps: int,
 
 def init_sae(key: jax.Array, sae: config_lib.SAEConfig, x_bd: np.ndarray) -> common.Params:
   """Decoder rows (random, or data rows), encoder = decoder^T, b_dec from the first batch."""
+  return sae_init_fn(key, sae, x_bd)()
+
+
+def sae_init_fn(key: jax.Array, sae: config_lib.SAEConfig, x_bd: np.ndarray
+                ) -> Callable[[], common.Params]:
+  """`init_sae` in two parts. What needs the host (b_dec from the first batch, data or
+  k-means++ rows) runs now; the returned function builds the [n, d] arrays and is jittable, so
+  `state.create_sharded` builds each device's shard in place: a 1M x 2048 level 1 (8 GiB per
+  matrix) never exists whole on one device."""
   x = jnp.asarray(x_bd)
   b_dec = jnp.zeros(x.shape[1], jnp.float32)
   if sae.b_dec_init == 'geometric_median':
@@ -86,10 +96,14 @@ def init_sae(key: jax.Array, sae: config_lib.SAEConfig, x_bd: np.ndarray) -> com
     else:
       rows = centred
     rows = common.normalize_rows(jnp.asarray(rows, jnp.float32))
-  params = common.init_params(key, x.shape[1], sae.n_latents, rows_nd=rows)
-  params['b_dec'] = b_dec
-  params.update(get_arch(sae.arch).extra_params(sae.n_latents, sae))
-  return params
+  d = x.shape[1]
+
+  def build() -> common.Params:
+    params = common.init_params(key, d, sae.n_latents, rows_nd=rows)
+    params['b_dec'] = b_dec
+    params.update(get_arch(sae.arch).extra_params(sae.n_latents, sae))
+    return params
+  return build
 
 
 def stack(trees: list) -> dict:

@@ -44,12 +44,13 @@ def train(cfg: config_lib.Config, source, mesh, workdir: str, *, hooks=()
         fresh, jax.tree.map(lambda a: a.sharding, st.params['level2']))}
     return st.replace(params=params)
 
+  init1 = stages.sae_init_fn(key1, cfg.level1, x0_bd)
+  init2 = stages.sae_init_fn(key2, dataclasses.replace(cfg.level2, decoder_init='random',
+                                                       b_dec_init='zeros'), x0_bd)
   res = loop.fit(stage=stage, mesh=mesh, levels={'level1': spec1, 'level2': spec2},
                  # level 2 is a placeholder until level2_start re-initialises it from rows
-                 init_params=lambda: {'level1': stages.init_sae(key1, cfg.level1, x0_bd),
-                                      'level2': stages.init_sae(key2, dataclasses.replace(
-                                          cfg.level2, decoder_init='random',
-                                          b_dec_init='zeros'), x0_bd)},
+                 init_params=lambda: {'level1': init1(), 'level2': init2()},
+                 jittable_init=True,
                  optimizer=stages.optimizer(t.lr, t.steps, t), source=source, steps=t.steps,
                  log_every=t.log_every, checkpoint_every=t.checkpoint_every, joint=jspec,
                  before_step=start_level2, hooks=hooks, desc='joint CSAE')

@@ -79,7 +79,8 @@ def fit(*, stage: ckpt_lib.Stage, mesh: Mesh, levels: dict[str, step_lib.LevelSp
         before_step: Callable[[int, state_lib.TrainState], state_lib.TrainState] | None = None,
         hooks: Iterable[Callable[[int, state_lib.TrainState], None]] = (),
         desc: str = '', batch_axes: tuple = ('batch', 'embed'), stacked: bool = False,
-        stack_hparams: dict[str, np.ndarray] | None = None) -> FitResult:
+        stack_hparams: dict[str, np.ndarray] | None = None,
+        jittable_init: bool = False) -> FitResult:
   """Trains to `steps`, resuming from the stage's checkpoint. Returns (state, logged history).
 
   before_step(step, state) -> state runs on the host before the step (joint mode starts level 2
@@ -88,9 +89,18 @@ def fit(*, stage: ckpt_lib.Stage, mesh: Mesh, levels: dict[str, step_lib.LevelSp
   (None, 'embed'). stacked: init_params returns params with a leading axis R; R independent
   SAEs are trained by a vmapped step on the same batches (metrics are then [R] arrays).
   stack_hparams: with stacked, per-SAE hyperparameters ([R] arrays, see `step.make_step`).
+  jittable_init: init_params can be traced (`stages.sae_init_fn`). Where the latents are
+  sharded (mesh 'model' > 1) the state is then built shard by shard on the devices
+  (`state.create_sharded`): a 1M-latent dictionary never exists whole on one device. An
+  unsharded dictionary is whole on every device anyway, and keeps the eager init (the jitted
+  one differs from it in the last bit of a few weights).
   """
-  create = state_lib.create_stacked if stacked else state_lib.create
-  state = create(mesh, init_params(), optimizer)
+  if stacked:
+    state = state_lib.create_stacked(mesh, init_params(), optimizer)
+  elif jittable_init and mesh.shape['model'] > 1:
+    state = state_lib.create_sharded(mesh, init_params, optimizer)
+  else:
+    state = state_lib.create(mesh, init_params(), optimizer)
   start = 0
   _, restored = stage.restore_latest(state_lib.abstract(state))  # skips unreadable ones
   if restored is not None:

@@ -186,3 +186,42 @@ def test_abstract_state_has_the_shardings_of_create():
   for a, b in zip(jax.tree.leaves(abstract), jax.tree.leaves(st), strict=True):
     assert a.shape == b.shape and a.dtype == b.dtype
     assert a.sharding.is_equivalent_to(b.sharding, len(b.shape))
+
+
+def test_the_level1_stage_builds_a_latent_sharded_state_in_place(tmp_path, monkeypatch):
+  """With mesh.model > 1 the level-1 stage builds its state shard by shard (`create_sharded`:
+  no whole [n, d] matrix on any device) and gets the eager init's values (to the last bit of
+  the row normalisation); with mesh.model = 1 it keeps the eager `create`."""
+  from csae_jax.cascade import level1
+  from experiments.configs import csae
+  made = []
+  real_sharded, real_create = state_lib.create_sharded, state_lib.create
+
+  def sharded(mesh, init_params, optimizer):
+    st = real_sharded(mesh, init_params, optimizer)
+    eager = real_create(mesh, init_params(), optimizer)  # the reference values, same mesh
+    for a, b in zip(jax.tree.leaves(st), jax.tree.leaves(eager), strict=True):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-7)
+      assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
+    shapes = {k: ({sh.data.shape for sh in v.addressable_shards}, v.shape)
+              for k, v in st.params['level1'].items()}
+    made.append(('sharded', shapes))  # now: the train step donates (deletes) these arrays
+    return st
+
+  def create(mesh, params, optimizer):
+    made.append(('eager', None))
+    return real_create(mesh, params, optimizer)
+  monkeypatch.setattr(state_lib, 'create_sharded', sharded)
+  monkeypatch.setattr(state_lib, 'create', create)
+  for model in (4, 1):
+    c = csae.get_config('small')
+    c.update_from_flattened_dict({'mesh.model': model, 'train.steps': 4, 'train.batch_size': 64,
+                                  'level1.n_latents': 64, 'data.eval_rows': 256})
+    cfg, source, mesh = stages.setup(c, str(tmp_path / f'm{model}'))
+    level1.train(cfg, source, mesh, str(tmp_path / f'm{model}'))
+  assert [m for m, _ in made] == ['sharded', 'eager']
+  for name in ('w_dec', 'w_enc', 'b_enc'):
+    shard_shapes, shape = made[0][1][name]
+    n_axis = 0 if name != 'w_enc' else 1
+    assert shard_shapes == {tuple(64 // 4 if i == n_axis else s
+                                  for i, s in enumerate(shape))}, (name, shard_shapes)
