@@ -52,8 +52,11 @@ def first_global_batch(source) -> np.ndarray:
 
 
 def level_spec(sae: config_lib.SAEConfig, d: int, steps: int,
-               compute_dtype: str = 'float32', sparse_decode: bool = False
-               ) -> step_lib.LevelSpec:
+               compute_dtype: str = 'float32', sparse_decode: bool = False,
+               mesh=None) -> step_lib.LevelSpec:
+  """mesh: where the SAE trains; on one whose latents are not sharded (mesh.model = 1) TopK and
+  BatchTopK select with `lax.top_k` (objective.SAEHyper.select_top_k). Without a mesh, or
+  with latents sharded, the bisection, which never gathers them."""
   hyper = objective.SAEHyper(
       arch=sae.arch, k=sae.k, k_aux=sae.k_aux, auxk_weight=sae.auxk_weight,
       dead_tokens=sae.dead_tokens, k_anneal_steps=int(sae.k_anneal_frac * steps),
@@ -63,7 +66,8 @@ def level_spec(sae: config_lib.SAEConfig, d: int, steps: int,
       target_l0=float(sae.k) if sae.target_l0 < 0 else sae.target_l0,
       groups=config_lib.matryoshka_groups(sae.matryoshka_groups, sae.n_latents),
       compute_dtype=compute_dtype, sparse_decode=sparse_decode,
-      code_l1=sae.code_l1)
+      code_l1=sae.code_l1,
+      select_top_k=mesh is not None and mesh.shape['model'] == 1)
   return step_lib.LevelSpec(hyper, sae.threshold_decay, sae.threshold_start)
 
 

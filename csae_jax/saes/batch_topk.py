@@ -11,24 +11,30 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from csae_jax.saes import base, select
+from csae_jax.saes import base, select, sparse
 
 
-def batch_threshold(acts_bn: Float[Array, 'b n'], k, valid_b=None) -> jax.Array:
+def batch_threshold(acts_bn: Float[Array, 'b n'], k, valid_b=None, use_top_k: bool = False
+                    ) -> jax.Array:
   """The (k * n_valid)-th largest activation of the batch (rows with valid_b False excluded).
 
   k and the row mask (joint mode's live atoms) may be traced: nothing recompiles when they
-  change. `select.kth_largest` needs no gather of the latent-sharded activations.
+  change. `select.kth_largest` needs no gather of the latent-sharded activations; use_top_k
+  (a static k, latents not sharded) finds the same value from each row's top candidates.
   """
   n_valid = acts_bn.shape[0]
   if valid_b is not None:
     acts_bn = jnp.where(valid_b[:, None], acts_bn, 0.0)
     n_valid = jnp.sum(valid_b)
-  return select.kth_largest(acts_bn, jnp.maximum(jnp.asarray(k) * n_valid, 1))
+  total = jnp.maximum(jnp.asarray(k) * n_valid, 1)
+  if use_top_k and isinstance(k, int):
+    return sparse.batch_threshold(acts_bn, total, k)
+  return select.kth_largest(acts_bn, total)
 
 
-def train_codes(acts_bn: Float[Array, 'b n'], k, valid_b=None) -> Float[Array, 'b n']:
-  thr = batch_threshold(acts_bn, k, valid_b)
+def train_codes(acts_bn: Float[Array, 'b n'], k, valid_b=None, use_top_k: bool = False
+                ) -> Float[Array, 'b n']:
+  thr = batch_threshold(acts_bn, k, valid_b, use_top_k)
   keep = (acts_bn >= thr) & (acts_bn > 0)
   if valid_b is not None:
     keep &= valid_b[:, None]
@@ -49,6 +55,6 @@ def update_threshold(threshold, codes_bn, decay, enabled):
 
 ARCH = base.Arch(
     name='batch_topk', unit_decoder=True,
-    train_codes=lambda p, acts, k, valid, h: train_codes(acts, k, valid),
+    train_codes=lambda p, acts, k, valid, h: train_codes(acts, k, valid, h.select_top_k),
     infer_codes=lambda p, acts, k, thr: infer_codes(acts, thr),
     update_threshold=update_threshold)

@@ -25,7 +25,8 @@ def prefix_losses(params, codes_bn, target_bd, valid_b, groups):
 
 ARCH = base.Arch(
     name='matryoshka', unit_decoder=True,
-    train_codes=lambda p, acts, k, valid, h: batch_topk.train_codes(acts, k, valid),
+    train_codes=lambda p, acts, k, valid, h: batch_topk.train_codes(acts, k, valid,
+                                                                   h.select_top_k),
     infer_codes=lambda p, acts, k, thr: batch_topk.infer_codes(acts, thr),
     recon_loss=lambda p, codes, target, valid, h: jnp.mean(
         prefix_losses(p, codes, target, valid, h.groups)),

@@ -36,6 +36,10 @@ class SAEHyper(NamedTuple):
   compute_dtype: str = 'float32'      # encoder / decoder matmuls; params stay float32
   sparse_decode: bool = False         # topk: decode by gathering the k rows (O(B k d))
   code_l1: float = 0.0                # k-sparse archs: L1 on the selected codes (code_l1_loss)
+  # TopK / BatchTopK selection by lax.top_k (3.6-4.5x faster on CPU at [2048, 16384], k 32)
+  # instead of the bisection, which alone needs no gather of latent-sharded activations: on
+  # only where the latents are not sharded (mesh.model = 1). Both select exactly the same codes.
+  select_top_k: bool = False
   # Latents [n_valid:] are padding (SAEs of different sizes stacked for one vmapped step, the
   # level-2 sweep over n2): they never fire and get no gradient. 0 = no padding.
   n_valid: int = 0

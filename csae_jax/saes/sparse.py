@@ -81,6 +81,31 @@ def _pairs_above(v_bm, col_bm, thr, total: int) -> Pairs:
   return Pairs(v_s, (pos_s // m).astype(jnp.int32), col_bm.reshape(-1)[pos_s].astype(jnp.int32))
 
 
+def _candidates_exact(cand_v_bm, thr, n: int):
+  """Whether the batch threshold over each row's top-m candidates is the one over all entries:
+  unless some row's m-th candidate reaches it (it may hide more kept entries); a non-positive
+  last candidate means the row has no positive entry outside its candidates."""
+  last = jnp.max(cand_v_bm[:, -1])
+  return (cand_v_bm.shape[1] == n) | (last < thr) | (last <= 0)
+
+
+def batch_threshold(acts_bn, total, k_static: int):
+  """The `total`-th largest entry of the batch (`select.kth_largest(acts_bn, total)` exactly),
+  from each row's top CANDIDATES_PER_K * k_static candidates; total may be traced (a row mask)
+  as long as it is <= k_static * B. Falls back to the whole-batch bisection on the rare step
+  where the candidates are not enough."""
+  b, n = acts_bn.shape
+  cand_v_bm, _ = top_k(acts_bn, min(n, CANDIDATES_PER_K * k_static))
+  thr = select.kth_largest(cand_v_bm, total)
+  return jax.lax.cond(_candidates_exact(cand_v_bm, thr, n), lambda: thr,
+                      lambda: select.kth_largest(acts_bn, total))
+
+
+def row_threshold(acts_bn, k: int):
+  """[B, 1] each row's k-th largest entry (`select.kth_largest(acts_bn, k, axis=-1)`)."""
+  return top_k(acts_bn, min(k, acts_bn.shape[1]))[0][:, -1:]
+
+
 def select_batch(acts_bn, k: int) -> Pairs:
   """The k * B largest entries of the batch (BatchTopK), exactly (see the module docstring).
   Ties at the threshold beyond k * B entries are dropped (measure zero for float inputs)."""
@@ -89,10 +114,7 @@ def select_batch(acts_bn, k: int) -> Pairs:
   m = min(n, CANDIDATES_PER_K * k)
   cand_v_bm, cand_i_bm = top_k(acts_bn, m)
   thr = select.kth_largest(cand_v_bm, total)  # bisection: ~1 ms on k B candidates
-  # Exact unless some row's m-th candidate reaches the threshold (it may hide more kept entries);
-  # a non-positive last candidate means the row has no positive entry outside its candidates.
-  last = jnp.max(cand_v_bm[:, -1])
-  exact = (m == n) | (last < thr) | (last <= 0)
+  exact = _candidates_exact(cand_v_bm, thr, n)
 
   def from_all(_):
     cols_bn = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from csae_jax.saes import batch_topk, common, objective, sparse
+from csae_jax.saes import batch_topk, common, objective, sparse, topk
 
 
 def _pair_set(p: sparse.Pairs):
@@ -101,3 +101,47 @@ def test_top_k_stays_on_the_topk_kernel_next_to_a_cond():
 
   hlo = jax.jit(f).lower(jnp.ones((16, 256))).compile().as_text()
   assert ' sort(' not in hlo
+
+
+@pytest.mark.parametrize('overflow', [False, True])
+@pytest.mark.parametrize('masked', [False, True])
+def test_top_k_selection_equals_the_bisection(overflow, masked):
+  """SAEHyper.select_top_k (unsharded latents): TopK and BatchTopK pick the same codes as the
+  bisection, with the BatchTopK candidates overflowing (the fallback) and with a traced row mask
+  (joint mode's live atoms)."""
+  b, n, k = 32, 512, 4
+  acts = jax.nn.relu(jax.random.normal(jax.random.key(0), (b, n)))
+  if overflow:
+    acts = acts.at[3, :200].set(10.0 + jax.random.uniform(jax.random.key(9), (200,)))
+  assert _overflows(acts, k) == overflow
+  valid = (jnp.arange(b) % 3 != 1) if masked else None
+  n_rows = int(jnp.sum(valid)) if masked else b
+  for fast, slow, kept in (
+      (lambda a, v: batch_topk.train_codes(a, k, v, True),
+       lambda a, v: batch_topk.train_codes(a, k, v, False), k * n_rows),
+      (lambda a, v: topk.topk_codes(a, k, True), lambda a, v: topk.topk_codes(a, k, False),
+       k * b)):
+    got, want = jax.jit(fast)(acts, valid), jax.jit(slow)(acts, valid)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert int(jnp.sum(got > 0)) == kept
+
+
+@pytest.mark.parametrize('arch', ['topk', 'batch_topk', 'matryoshka'])
+def test_top_k_selection_trains_exactly_like_the_bisection(arch):
+  """The dense step's loss and gradients (AuxK engaged) with select_top_k on and off: the same
+  bit for bit, so the choice per mesh changes speed only."""
+  d, n, b, k = 16, 128, 24, 4
+  params = common.init_params(jax.random.key(2), d, n)
+  x = jax.random.normal(jax.random.key(3), (b, d))
+  since = jnp.where(jnp.arange(n) < n // 2, 0, 10**6)
+  h = objective.SAEHyper(arch=arch, k=k, k_aux=2 * k, auxk_weight=1 / 32, dead_tokens=100,
+                         k_anneal_steps=0, d=d, groups=(32, 96) if arch == 'matryoshka' else ())
+
+  def loss(p, fast):
+    return objective.sae_loss(h._replace(select_top_k=fast), p, since, x, 5).loss
+
+  grad = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  (l_fast, g_fast), (l_slow, g_slow) = grad(params, True), grad(params, False)
+  assert float(l_fast) == float(l_slow)
+  for a, c in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_slow)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
