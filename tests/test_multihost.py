@@ -1,6 +1,7 @@
 """Two real processes on 127.0.0.1 (1 CPU device each, gloo collectives) train the default
 pipeline: the same result as one process with the same global batch, and a kill of one process
-followed by a restart of both resumes. Every process is killed if the test fails or times out."""
+followed by a restart of both resumes, on the built-in source and on exported arrays (the
+activation stream). Every process is killed if the test fails or times out."""
 
 import os
 import signal
@@ -101,3 +102,45 @@ def test_kill_one_process_then_restart_both_resumes(cli_reference, tmp_path):
   assert codes == [0, 0], '\n'.join(log[-3000:] for log in logs)
   assert cli_runs.commit_record(wd, 'level1', 40) == kept  # resumed from step 40
   cli_runs.same_exports(ref_export, wd / 'export', atol=1e-4)
+
+
+def test_exported_arrays_kill_and_restart_resume_the_stream(tmp_path):
+  """The activation stream across processes and a kill: 2 processes on exported arrays, one
+  killed after the step-40 checkpoint, both restarted, end with the decoders and hierarchy of
+  one uninterrupted process (same global batch). Each process reads only its half of every
+  batch, and the restart continues at step 40 of the same order: a row read twice or skipped
+  by either process would change the decoders."""
+  from csae_jax import config as config_lib
+  from csae_jax.sources import synthetic
+  data = tmp_path / 'data'
+  synthetic.SyntheticSource(config_lib.SyntheticConfig(), batch_size=128, seed=0).write(
+      str(data), 12_000)
+  arrays_args = [f'--config.data.path={data}', '--config.data.holdout_rows=1024']
+  ref = cli_runs.run('--workdir=' + str(tmp_path / 'ref'), *arrays_args)
+  assert ref.returncode == 0, ref.stderr[-3000:]
+  wd = tmp_path / 'mp'
+  with_data = lambda flags: lambda i: (flags(i)[0], flags(i)[1] + arrays_args)  # noqa: E731
+  procs = _launch(wd, with_data(_with_flags(_free_port())))
+  try:
+    deadline = time.time() + 600
+    while not (wd / 'level1' / 'ckpt' / '40').exists():
+      assert all(p.poll() is None for p in procs), 'the run ended before it could be killed'
+      assert time.time() < deadline
+      time.sleep(0.05)
+    procs[0].send_signal(signal.SIGKILL)
+    assert procs[0].wait() == -signal.SIGKILL
+    try:
+      procs[1].wait(timeout=20)
+    except subprocess.TimeoutExpired:
+      procs[1].kill()
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+      p.wait()
+  assert not (wd / 'export').exists()
+  kept = cli_runs.commit_record(wd, 'level1', 40)
+  codes, logs = _wait(_launch(wd, with_data(_with_flags(_free_port()))), wd)
+  assert codes == [0, 0], '\n'.join(log[-3000:] for log in logs)
+  assert cli_runs.commit_record(wd, 'level1', 40) == kept  # resumed from step 40
+  cli_runs.same_exports(tmp_path / 'ref' / 'export', wd / 'export', atol=1e-4)
