@@ -4,8 +4,10 @@ reference is one 1-process run with 2 fake devices; see conftest.cli_reference).
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 
@@ -52,3 +54,31 @@ def commit_record(wd, stage: str, step: int) -> str:
   """Orbax's metadata of a committed checkpoint (its save and commit times): unchanged after a
   restart iff the restart resumed after it instead of training that step again."""
   return (wd / stage / 'ckpt' / str(step) / '_CHECKPOINT_METADATA').read_text()
+
+
+def free_port(lo: int = 0) -> int:
+  """A port nobody listens on: the OS's pick, or the first free one from lo."""
+  for port in ([0] if lo == 0 else range(lo, 65536)):
+    with socket.socket() as s:
+      try:
+        s.bind(('127.0.0.1', port))
+        return s.getsockname()[1]
+      except OSError:
+        continue
+  raise RuntimeError(f'no free port from {lo}')
+
+
+def wait_all(procs, log_prefix, timeout: float = 900) -> tuple[list[int], list[str]]:
+  """Waits for every process (killing those that outlive the timeout); (exit codes, the logs
+  `{log_prefix}.{i}.log` they wrote)."""
+  deadline = time.time() + timeout
+  try:
+    for p in procs:
+      p.wait(timeout=max(1, deadline - time.time()))
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  return [p.returncode for p in procs], [open(f'{log_prefix}.{i}.log').read()
+                                         for i in range(len(procs))]

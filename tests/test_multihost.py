@@ -5,24 +5,11 @@ activation stream). Every process is killed if the test fails or times out."""
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 from tests import cli_runs
-
-
-def _free_port(lo: int = 0) -> int:
-  """A port nobody listens on: the OS's pick, or the first free one from lo."""
-  for port in ([0] if lo == 0 else range(lo, 65536)):
-    with socket.socket() as s:
-      try:
-        s.bind(('127.0.0.1', port))
-        return s.getsockname()[1]
-      except OSError:
-        continue
-  raise RuntimeError(f'no free port from {lo}')
 
 
 def _launch(wd, env_of):
@@ -38,17 +25,29 @@ def _launch(wd, env_of):
 
 
 def _wait(procs, wd, timeout=900):
-  deadline = time.time() + timeout
+  return cli_runs.wait_all(procs, wd, timeout)
+
+
+def _kill_after_checkpoint(procs, wd, victim: int) -> None:
+  """SIGKILLs process `victim` once level 1's step-40 checkpoint is committed, then its peer
+  (which fails in a collective or on the coordinator's heartbeat, or is stopped)."""
   try:
-    for p in procs:
-      p.wait(timeout=max(1, deadline - time.time()))
+    deadline = time.time() + 600
+    while not (wd / 'level1' / 'ckpt' / '40').exists():  # committed (renamed) by orbax
+      assert all(p.poll() is None for p in procs), 'the run ended before it could be killed'
+      assert time.time() < deadline
+      time.sleep(0.05)
+    procs[victim].send_signal(signal.SIGKILL)
+    assert procs[victim].wait() == -signal.SIGKILL
+    try:
+      procs[1 - victim].wait(timeout=20)
+    except subprocess.TimeoutExpired:
+      procs[1 - victim].kill()
   finally:
     for p in procs:
       if p.poll() is None:
         p.kill()
-        p.wait()
-  logs = [open(f'{wd}.{i}.log').read() for i in range(2)]
-  return [p.returncode for p in procs], logs
+      p.wait()
 
 
 def _with_flags(port):
@@ -68,7 +67,7 @@ def _slurm(port):
 def test_two_processes_match_one_process(cli_reference, tmp_path):
   _, ref_export = cli_reference
   wd = tmp_path / 'mp'
-  codes, logs = _wait(_launch(wd, _with_flags(_free_port())), wd)
+  codes, logs = _wait(_launch(wd, _with_flags(cli_runs.free_port())), wd)
   assert codes == [0, 0], '\n'.join(log[-3000:] for log in logs)
   assert 'CSAE (staged) done' in logs[0] and 'process 1 of 2 done' in logs[1]
   cli_runs.same_exports(ref_export, wd / 'export', atol=1e-4)
@@ -77,28 +76,11 @@ def test_two_processes_match_one_process(cli_reference, tmp_path):
 def test_kill_one_process_then_restart_both_resumes(cli_reference, tmp_path):
   _, ref_export = cli_reference
   wd = tmp_path / 'mp'
-  port = _free_port(65535 - 2**12 + 1)
-  procs = _launch(wd, _slurm(port))
-  try:
-    deadline = time.time() + 600
-    while not (wd / 'level1' / 'ckpt' / '40').exists():  # committed (renamed) by orbax
-      assert all(p.poll() is None for p in procs), 'the run ended before it could be killed'
-      assert time.time() < deadline
-      time.sleep(0.05)
-    procs[1].send_signal(signal.SIGKILL)
-    assert procs[1].wait() == -signal.SIGKILL
-    try:  # its peer fails in a collective (or on the coordinator's heartbeat): stop it too
-      procs[0].wait(timeout=20)
-    except subprocess.TimeoutExpired:
-      procs[0].kill()
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-      p.wait()
+  port = cli_runs.free_port(65535 - 2**12 + 1)
+  _kill_after_checkpoint(_launch(wd, _slurm(port)), wd, victim=1)
   assert not (wd / 'export').exists()  # it really died mid-run
   kept = cli_runs.commit_record(wd, 'level1', 40)
-  codes, logs = _wait(_launch(wd, _slurm(_free_port(65535 - 2**12 + 1))), wd)
+  codes, logs = _wait(_launch(wd, _slurm(cli_runs.free_port(65535 - 2**12 + 1))), wd)
   assert codes == [0, 0], '\n'.join(log[-3000:] for log in logs)
   assert cli_runs.commit_record(wd, 'level1', 40) == kept  # resumed from step 40
   cli_runs.same_exports(ref_export, wd / 'export', atol=1e-4)
@@ -120,27 +102,10 @@ def test_exported_arrays_kill_and_restart_resume_the_stream(tmp_path):
   assert ref.returncode == 0, ref.stderr[-3000:]
   wd = tmp_path / 'mp'
   with_data = lambda flags: lambda i: (flags(i)[0], flags(i)[1] + arrays_args)  # noqa: E731
-  procs = _launch(wd, with_data(_with_flags(_free_port())))
-  try:
-    deadline = time.time() + 600
-    while not (wd / 'level1' / 'ckpt' / '40').exists():
-      assert all(p.poll() is None for p in procs), 'the run ended before it could be killed'
-      assert time.time() < deadline
-      time.sleep(0.05)
-    procs[0].send_signal(signal.SIGKILL)
-    assert procs[0].wait() == -signal.SIGKILL
-    try:
-      procs[1].wait(timeout=20)
-    except subprocess.TimeoutExpired:
-      procs[1].kill()
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-      p.wait()
+  _kill_after_checkpoint(_launch(wd, with_data(_with_flags(cli_runs.free_port()))), wd, victim=0)
   assert not (wd / 'export').exists()
   kept = cli_runs.commit_record(wd, 'level1', 40)
-  codes, logs = _wait(_launch(wd, with_data(_with_flags(_free_port()))), wd)
+  codes, logs = _wait(_launch(wd, with_data(_with_flags(cli_runs.free_port()))), wd)
   assert codes == [0, 0], '\n'.join(log[-3000:] for log in logs)
   assert cli_runs.commit_record(wd, 'level1', 40) == kept  # resumed from step 40
   cli_runs.same_exports(tmp_path / 'ref' / 'export', wd / 'export', atol=1e-4)

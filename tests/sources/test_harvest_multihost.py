@@ -7,10 +7,8 @@ is not shared, fails on both."""
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -26,12 +24,6 @@ SITES = 'vision/block_1,vision/merger'  # two stores from one compiled vision-to
 N_IMAGES = 5  # 1 image per chunk: process 0 owns chunks 0, 2, 4 and process 1 chunks 1, 3
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _overrides(folder: str, images: str, **kw) -> dict:
   out = {'model': 'qwen3-vl', 'model_path': folder, 'images': images, 'image_size': 32,
          'batch_size': 1, 'chunk_images': 1, 'sites': SITES}
@@ -44,7 +36,7 @@ def _two_processes(wd, overrides: dict, timeout: float = 300, wd_1=None
   """`python -m experiments.run --config=experiments/configs/harvest.py ...` as processes 0 and
   1 of one run (process 1 on wd_1 if given); (exit codes, logs). Both are killed if they outlive
   the timeout."""
-  port, procs = _free_port(), []
+  port, procs = cli_runs.free_port(), []
   flags = [f'--config.{k}={v}' for k, v in overrides.items()]
   for i, workdir in enumerate((wd, wd_1 or wd)):
     log = open(f'{wd}.{i}.log', 'w')
@@ -53,16 +45,7 @@ def _two_processes(wd, overrides: dict, timeout: float = 300, wd_1=None
          *flags, f'--workdir={workdir}', f'--coordinator_address=127.0.0.1:{port}',
          '--num_processes=2', f'--process_id={i}'], cwd=cli_runs.ROOT,
         env=cli_runs.env(devices=1), stdout=log, stderr=subprocess.STDOUT))
-  deadline = time.time() + timeout
-  try:
-    for p in procs:
-      p.wait(timeout=max(1, deadline - time.time()))
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
-  return [p.returncode for p in procs], [open(f'{wd}.{i}.log').read() for i in range(2)]
+  return cli_runs.wait_all(procs, wd, timeout)
 
 
 def _read_store(wd) -> dict:
