@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from csae_jax.saes import base, select, sparse
+from csae_jax.saes import base, codes as codes_lib, select, sparse
 
 
 def batch_threshold(acts_bn: Float[Array, 'b n'], k, valid_b=None, use_top_k: bool = False
@@ -45,9 +45,10 @@ def infer_codes(acts_bn: Float[Array, 'b n'], threshold) -> Float[Array, 'b n']:
   return jnp.where(acts_bn > threshold, acts_bn, 0.0)
 
 
-def update_threshold(threshold, codes_bn, decay, enabled):
-  """EMA of the minimum positive kept activation; the first update sets it (no zero bias)."""
-  min_pos = jnp.min(jnp.where(codes_bn > 0, codes_bn, jnp.inf))
+def update_threshold(threshold, codes, decay, enabled):
+  """EMA of the minimum positive kept activation; the first update sets it (no zero bias).
+  codes: dense [B, n] or the sparse step's pairs (`codes.Codes`)."""
+  min_pos = codes_lib.min_positive(codes)
   ok = enabled & jnp.isfinite(min_pos)
   new = jnp.where(threshold < 0, min_pos, decay * threshold + (1 - decay) * min_pos)
   return jnp.where(ok, new, threshold)

@@ -15,7 +15,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float
 
 from csae_jax import saes
-from csae_jax.saes import base, common, select, sparse
+from csae_jax.saes import base, codes as codes_lib, common, select, sparse
 
 
 class SAEHyper(NamedTuple):
@@ -63,7 +63,9 @@ class LossOut(NamedTuple):
   aux: jax.Array           # AuxK loss (0 when no latent is dead)
   fvu: jax.Array           # recon / total variance of the batch
   l0: jax.Array            # mean active latents per input
-  codes_bn: jax.Array      # the training codes (for threshold and firing statistics)
+  # The training codes for the threshold and firing statistics (no gradient): dense [B, n], or
+  # the k-sparse step's selected pairs (`codes.Codes`; never densified in the step).
+  codes: codes_lib.Codes
 
 
 def k_at(h: SAEHyper, step) :
@@ -125,8 +127,8 @@ def sae_loss(h: SAEHyper, params: common.Params, since_fired_n, x_bd: Float[Arra
     out = sparse.sparse_sae(cfg, params['w_enc'], params['b_enc'], params['w_dec'],
                             params['b_dec'], x_bd, dead_n)
     x_hat_bd, sparse_aux = out.x_hat_bd, out.aux_hat_bd
-    codes_bn = jax.lax.stop_gradient(sparse.scatter_codes(out.main, x_bd.shape[0],
-                                                          params['w_dec'].shape[0]))
+    codes_bn = None
+    stat_codes = codes_lib.stop_gradient(out.main)
     selected = out.main  # its values carry a gradient (the custom VJP takes one)
     acts_bn = None  # never materialised outside the custom VJP
     sparse_prefixes = None
@@ -134,6 +136,7 @@ def sae_loss(h: SAEHyper, params: common.Params, since_fired_n, x_bd: Float[Arra
     x_hat_bd, codes_bn, acts_bn, sparse_prefixes = _dense_or_matryoshka(h, arch, params, x_bd,
                                                                         target_bd, step, valid_b)
     selected = None
+    stat_codes = jax.lax.stop_gradient(codes_bn)
   recon = base.masked_mean(jnp.sum((x_hat_bd - target_bd) ** 2, -1), valid_b)
   if sparse_prefixes is not None:
     train_recon = jnp.mean(sparse_prefixes)
@@ -146,20 +149,20 @@ def sae_loss(h: SAEHyper, params: common.Params, since_fired_n, x_bd: Float[Arra
     if sparse_prefixes is not None:
       raise ValueError('level code_l1 > 0 is not supported by the sparse Matryoshka step; set '
                        '--config.train.sparse_decode=False or code_l1=0')
-    sparsity = sparsity + code_l1_loss(h, params, codes_bn, selected, valid_b)
+    sparsity = sparsity + code_l1_loss(h, params, codes_bn, selected, valid_b, x_bd.shape[0])
   var = base.masked_mean(jnp.sum((target_bd - jnp.mean(target_bd, 0)) ** 2, -1), valid_b)
   aux = jnp.zeros(())
   if h.auxk_weight > 0:
     resid_bd = jax.lax.stop_gradient(target_bd - x_hat_bd)
     aux = (auxk_loss(params, acts_bn, dead_n, resid_bd, h.k_aux, valid_b) if sparse_aux is None
            else auxk_from_decode(sparse_aux, resid_bd, dead_n, valid_b))
-  l0 = base.masked_mean(jnp.sum(codes_bn > 0, -1).astype(jnp.float32), valid_b)
+  l0 = base.masked_mean(codes_lib.active_per_row(stat_codes, x_bd.shape[0]), valid_b)
   return LossOut(loss=train_recon + sparsity + h.auxk_weight * aux, recon=recon,
                  sparsity=sparsity, aux=aux, fvu=recon / jnp.maximum(var, 1e-12), l0=l0,
-                 codes_bn=codes_bn)
+                 codes=stat_codes)
 
 
-def code_l1_loss(h: SAEHyper, params: common.Params, codes_bn, selected, valid_b):
+def code_l1_loss(h: SAEHyper, params: common.Params, codes_bn, selected, valid_b, n_rows: int):
   """code_l1 / sqrt(k) x the mean over rows of sum_i f_i ||d_i|| of the k-sparse codes.
 
   Why: under a top-k budget a child feature whose parent often fires with it can be coded as
@@ -172,7 +175,7 @@ def code_l1_loss(h: SAEHyper, params: common.Params, codes_bn, selected, valid_b
   typical code (about code_l1 / 2) at any k."""
   norms_n = jnp.linalg.norm(params['w_dec'], axis=-1)
   if selected is not None:  # the sparse step: pairs, padding has v = 0
-    per_row = jnp.sum(jnp.maximum(selected.v_s, 0.0) * norms_n[selected.col_s]) / codes_bn.shape[0]
+    per_row = jnp.sum(jnp.maximum(selected.v_s, 0.0) * norms_n[selected.col_s]) / n_rows
   else:
     per_row = base.masked_mean(jnp.sum(codes_bn * norms_n, -1), valid_b)
   return h.code_l1 / jnp.sqrt(jnp.asarray(h.k, jnp.float32)) * per_row

@@ -57,8 +57,12 @@ def top_k(acts_bn, k: int):
   XLA lowers top_k to a full sort plus a slice and then matches that back to its TopK kernel only
   while the slice stays a plain slice. When a consumer fuses into it (a `lax.cond` or a reduction
   reading the values), the match fails and every row is fully sorted: measured 346 ms instead of
-  25 ms at [512, 4096] -> 128 on this CPU. The optimization barrier keeps the slice plain."""
-  return jax.lax.optimization_barrier(jax.lax.top_k(acts_bn, k))
+  25 ms at [512, 4096] -> 128 on this CPU. The optimization barrier keeps the slice plain. One
+  barrier per output: a barrier over the (values, indices) tuple consumed TopK's tuple directly,
+  which crashed XLA's TopkDecomposer (a failed HloGetTupleElementInstruction cast) whenever the
+  step was compiled over several devices."""
+  v_bk, idx_bk = jax.lax.top_k(acts_bn, k)
+  return jax.lax.optimization_barrier(v_bk), jax.lax.optimization_barrier(idx_bk)
 
 
 def _rows_of(idx_bm):

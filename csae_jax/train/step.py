@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from csae_jax.saes import common, get_arch, objective
+from csae_jax.saes import codes as codes_lib, common, get_arch, objective
 from csae_jax.train import state as state_lib
 
 
@@ -35,17 +35,17 @@ class JointSpec(NamedTuple):
   stop_gradient: str  # 'none' | 'partial' | 'bilateral'
 
 
-def _update_level(spec: LevelSpec, st: state_lib.TrainState, name: str, codes_bn, step,
+def _update_level(spec: LevelSpec, st: state_lib.TrainState, name: str, codes, step,
                   n_inputs, valid_b=None):
+  """codes: dense [B, n] or the sparse step's pairs (`codes.Codes`): same statistics."""
   arch = get_arch(spec.hyper.arch)
-  if valid_b is not None:
-    codes_bn = jnp.where(valid_b[:, None], codes_bn, 0.0)
-  thr = arch.update_threshold(st.threshold[name], codes_bn, spec.threshold_decay,
+  codes = codes_lib.mask_rows(codes, valid_b)
+  thr = arch.update_threshold(st.threshold[name], codes, spec.threshold_decay,
                               step >= spec.threshold_start)
-  fired_n = jnp.any(codes_bn > 0, axis=0)
-  since = jnp.where(fired_n, 0, jnp.minimum(st.since_fired[name] + n_inputs,
-                                            state_lib.SINCE_FIRED_MAX))
-  rate_n = jnp.sum(codes_bn > 0, axis=0) / jnp.maximum(n_inputs, 1)
+  counts_n = codes_lib.fire_counts(codes, st.since_fired[name].shape[-1])
+  since = jnp.where(counts_n > 0, 0, jnp.minimum(st.since_fired[name] + n_inputs,
+                                                 state_lib.SINCE_FIRED_MAX))
+  rate_n = counts_n / jnp.maximum(n_inputs, 1)
   rate_n = FIRE_RATE_DECAY * st.fire_rate[name] + (1 - FIRE_RATE_DECAY) * rate_n
   return thr, since.astype(jnp.int32), rate_n
 
@@ -71,13 +71,14 @@ def make_step(levels: dict[str, LevelSpec], optimizer: optax.GradientTransformat
     hyper1 = s1.hyper._replace(**{k: v for k, v in hp.items() if k != 'lr_scale'})
     out1 = objective.sae_loss(hyper1, params[data_level], st.since_fired[data_level], batch_bd,
                               st.step)
-    metrics = {f'{data_level}/{k}': v for k, v in out1._asdict().items() if k != 'codes_bn'}
-    aux = {data_level: (out1.codes_bn, None)}
+    metrics = {f'{data_level}/{k}': v for k, v in out1._asdict().items() if k != 'codes'}
+    aux = {data_level: (out1.codes, None)}
     total = out1.loss
     if joint is not None:
       # unit rows: a no-op for unit-decoder archs, the row direction for relu_l1
       rows_nd = common.normalize_rows(params[data_level]['w_dec'])
-      live_n = jnp.any(out1.codes_bn > 0, axis=0)  # dynamic masking: atoms used in this batch
+      # dynamic masking: atoms used in this batch
+      live_n = codes_lib.fired(out1.codes, rows_nd.shape[0])
       x2 = jax.lax.stop_gradient(rows_nd) if joint.stop_gradient != 'none' else rows_nd
       t2 = jax.lax.stop_gradient(rows_nd) if joint.stop_gradient == 'bilateral' else rows_nd
       step2 = st.step - joint.level2_start
@@ -85,9 +86,9 @@ def make_step(levels: dict[str, LevelSpec], optimizer: optax.GradientTransformat
                                 x2, step2, target_bd=t2, valid_b=live_n)
       on = (step2 >= 0) & jnp.any(live_n)
       total = total + jnp.where(on, joint.alpha, 0.0) * out2.loss
-      metrics.update({f'level2/{k}': v for k, v in out2._asdict().items() if k != 'codes_bn'})
+      metrics.update({f'level2/{k}': v for k, v in out2._asdict().items() if k != 'codes'})
       metrics['level2/live_rows'] = jnp.sum(live_n)
-      aux['level2'] = (out2.codes_bn, live_n)
+      aux['level2'] = (out2.codes, live_n)
     metrics['loss'] = total
     return total, (metrics, aux)
 
@@ -106,11 +107,11 @@ def make_step(levels: dict[str, LevelSpec], optimizer: optax.GradientTransformat
     params = {n: ({**p, 'w_dec': common.normalize_rows(p['w_dec'])} if unit_decoder[n] else p)
               for n, p in params.items()}
     thresholds, since, rates = dict(st.threshold), dict(st.since_fired), dict(st.fire_rate)
-    for name, (codes_bn, valid_b) in aux.items():
+    for name, (codes, valid_b) in aux.items():
       spec = levels[name]
       lstep = st.step if name == data_level or joint is None else st.step - joint.level2_start
       n_inputs = batch_bd.shape[0] if valid_b is None else jnp.sum(valid_b).astype(jnp.int32)
-      thr, sf, rate = _update_level(spec, st, name, codes_bn, lstep, n_inputs, valid_b)
+      thr, sf, rate = _update_level(spec, st, name, codes, lstep, n_inputs, valid_b)
       if joint is not None and name != data_level:  # level 2 frozen in time until it starts
         started = lstep >= 0
         thr, sf = jnp.where(started, thr, st.threshold[name]), jnp.where(started, sf, 0)

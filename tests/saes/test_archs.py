@@ -11,7 +11,7 @@ import pytest
 
 from csae_jax import export, modes, stages
 from csae_jax.cascade import level1 as level1_lib
-from csae_jax.saes import common, jumprelu, matryoshka, objective, relu_l1
+from csae_jax.saes import codes, common, jumprelu, matryoshka, objective, relu_l1
 from experiments.configs import csae
 
 
@@ -145,7 +145,7 @@ def _sparse_matches_dense(h):
 def test_sparse_gather_decoding_matches_dense_topk():
   out = _sparse_matches_dense(
       _hyper(arch='topk', k=4, k_aux=6, auxk_weight=1 / 32, dead_tokens=100, d=12))
-  assert np.all(np.sum(np.asarray(out.codes_bn) > 0, -1) <= 4)
+  assert np.all(np.asarray(codes.active_per_row(out.codes, 16)) <= 4)
 
 
 def test_batch_topk_threshold_encode_matches_training_l0_within_10_percent(tmp_path):
@@ -162,4 +162,4 @@ def test_batch_topk_threshold_encode_matches_training_l0_within_10_percent(tmp_p
 def test_sparse_decoding_matches_dense_for_batch_level_selection(arch):
   out = _sparse_matches_dense(_hyper(arch=arch, k=3, k_aux=6, auxk_weight=1 / 32,
                                      dead_tokens=100, d=12, groups=(10, 30)))
-  assert int(np.sum(np.asarray(out.codes_bn) > 0)) == 3 * 16
+  assert int(np.sum(np.asarray(codes.active_per_row(out.codes, 16)))) == 3 * 16

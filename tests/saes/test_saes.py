@@ -312,7 +312,7 @@ def test_perfect_dictionary_reconstructs(arch):
   assert float(out.recon) < 1e-8
   assert float(out.fvu) < 1e-8
   assert float(out.l0) == pytest.approx(4.0)
-  np.testing.assert_allclose(np.asarray(out.codes_bn), coef, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out.codes), coef, atol=1e-5)
   assert float(out.aux) == 0.0  # nothing dead
   assert float(out.loss) == pytest.approx(float(out.recon), abs=1e-8)
 
@@ -386,4 +386,4 @@ def test_sae_loss_valid_mask_ignores_padding_rows():
   out = _loss(_hyper(), params, jnp.zeros(24, jnp.int32), x_pad, 0, valid_b=valid)
   assert float(out.recon) < 1e-8
   assert float(out.l0) == pytest.approx(4.0)
-  assert not np.any(np.asarray(out.codes_bn)[32:])
+  assert not np.any(np.asarray(out.codes)[32:])

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from csae_jax.saes import batch_topk, common, objective, sparse, topk
+from csae_jax.saes import batch_topk, codes, common, objective, sparse, topk
 
 
 def _pair_set(p: sparse.Pairs):
@@ -74,7 +74,7 @@ def test_sparse_loss_and_grads_match_dense_over_chunks(monkeypatch, arch, b, d, 
 
   def loss(p, sp):
     out = objective.sae_loss(h._replace(sparse_decode=sp), p, since, x, 5)
-    return out.loss, (out.aux, out.l0, out.sparsity, out.codes_bn)
+    return out.loss, (out.aux, out.l0, out.sparsity, out.codes)
 
   (ld, (ad, l0d, sd, codes)), gd = jax.jit(jax.value_and_grad(loss, has_aux=True),
                                              static_argnums=1)(params, False)
@@ -145,3 +145,56 @@ def test_top_k_selection_trains_exactly_like_the_bisection(arch):
   assert float(l_fast) == float(l_slow)
   for a, c in zip(jax.tree.leaves(g_fast), jax.tree.leaves(g_slow)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+@pytest.mark.parametrize('batch', [False, True])
+def test_pair_statistics_equal_the_dense_codes(batch):
+  """codes.*: firing counts, the smallest positive code, active per row and a row mask give the
+  same on the sparse step's pairs (padding included: BatchTopK rows hold fewer than k) as on the
+  dense codes, so the step keeps the same counters without building [B, n]."""
+  b, n, k = 24, 96, 5
+  acts = jax.nn.relu(jax.random.normal(jax.random.key(4), (b, n)) - 0.5)
+  acts = acts.at[2].set(0.0)  # a row with nothing positive: pairs of value 0
+  pairs = (sparse.select_batch if batch else sparse.select_rows)(acts, k)
+  dense = (batch_topk.train_codes(acts, k) if batch else topk.topk_codes(acts, k))
+  valid = jnp.arange(b) % 4 != 3
+  for p, c in ((pairs, dense), (codes.mask_rows(pairs, valid), codes.mask_rows(dense, valid))):
+    np.testing.assert_array_equal(np.asarray(codes.dense(p, b, n)), np.asarray(c))
+    np.testing.assert_array_equal(np.asarray(codes.fire_counts(p, n)),
+                                  np.asarray(codes.fire_counts(c, n)))
+    np.testing.assert_array_equal(np.asarray(codes.fired(p, n)), np.asarray(jnp.any(c > 0, 0)))
+    np.testing.assert_array_equal(np.asarray(codes.active_per_row(p, b)),
+                                  np.sum(np.asarray(c) > 0, -1))
+    assert float(codes.min_positive(p)) == float(np.min(np.asarray(c)[np.asarray(c) > 0]))
+  assert float(codes.min_positive(jnp.zeros((3, 4)))) == np.inf
+
+
+@pytest.mark.parametrize('arch', ['topk', 'batch_topk'])
+def test_sparse_train_step_keeps_the_dense_steps_state(arch):
+  """Three jitted train steps (AuxK engaged from step 2, threshold EMA on): the k-sparse step's
+  params, Adam moments, dead-latent counters, firing rates and threshold match the dense step's
+  (the counters exactly)."""
+  from csae_jax import config as config_lib, sharding  # pylint: disable=g-import-not-at-top
+  from csae_jax.train import optim, state as state_lib, step as step_lib
+  d, n, b, k = 16, 128, 32, 3
+  mesh = sharding.make_mesh(config_lib.MeshConfig())
+  opt = optim.make_optimizer(1e-2, 100, 0, 0.8, 1.0)
+  x = jax.random.normal(jax.random.key(5), (3, b, d))
+  states = []
+  for sp in (False, True):
+    h = objective.SAEHyper(arch=arch, k=k, k_aux=2 * k, auxk_weight=1 / 32, dead_tokens=b,
+                           k_anneal_steps=0, d=d, sparse_decode=sp)
+    st = state_lib.create(mesh, {'level1': common.init_params(jax.random.key(6), d, n)}, opt)
+    fn, _ = step_lib.make_step({'level1': step_lib.LevelSpec(h, 0.9, 0)}, opt)
+    jstep = jax.jit(fn)
+    for i in range(3):
+      st, _ = jstep(st, x[i])
+    states.append(st)
+  dense, sp = states
+  assert int(jnp.sum(dense.since_fired['level1'] >= b)) > 0  # AuxK had dead latents to train
+  np.testing.assert_array_equal(np.asarray(sp.since_fired['level1']),
+                                np.asarray(dense.since_fired['level1']))
+  for a, c in ((sp.fire_rate, dense.fire_rate), (sp.threshold, dense.threshold),
+               (sp.params, dense.params), (sp.opt_state, dense.opt_state)):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(c)):
+      np.testing.assert_allclose(np.asarray(u), np.asarray(v), rtol=2e-4, atol=2e-6)
