@@ -56,10 +56,14 @@ def test_row_selection_is_each_rows_top_k():
     ('topk', 24, 16, 96, 5, False, 0.3),       # the code L1 through the custom VJP's values
     ('batch_topk', 32, 8, 300, 3, True, 0.3),
 ])
+@pytest.mark.parametrize('aux_dense', [True, False])
 def test_sparse_loss_and_grads_match_dense_over_chunks(monkeypatch, arch, b, d, n, k, overflow,
-                                                       code_l1):
-  # Chunks of 7 pairs: the scatter loops run many chunks and pad the last one.
+                                                       code_l1, aux_dense):
+  # Chunks of 7 pairs: the scatter loops run many chunks and pad the last one. AuxK on its dense
+  # GEMM path and on the pair path.
   monkeypatch.setattr(sparse, 'CHUNK_BYTES', 7 * 4 * d)
+  monkeypatch.setattr(sparse, 'AUX_DENSE_RATIO', 10**6 if aux_dense else 0)
+  assert sparse.aux_is_dense(2 * k, n) == aux_dense
   params = common.init_params(jax.random.key(2), d, n)
   params['b_dec'] = jnp.linspace(-0.5, 0.5, d)
   x = jax.random.normal(jax.random.key(3), (b, d))
@@ -90,6 +94,11 @@ def test_sparse_loss_and_grads_match_dense_over_chunks(monkeypatch, arch, b, d, 
   for key in ('w_enc', 'b_enc', 'w_dec', 'b_dec'):
     np.testing.assert_allclose(np.asarray(gs[key]), np.asarray(gd[key]), rtol=1e-4, atol=1e-6,
                                err_msg=key)
+  # the input's gradient too (joint mode trains level 2 on level-1 rows that keep theirs)
+  gx = [jax.jit(jax.grad(lambda xx, sp: objective.sae_loss(h._replace(sparse_decode=sp), params,
+                                                           since, xx, 5).loss),
+                static_argnums=1)(x, sp) for sp in (False, True)]
+  np.testing.assert_allclose(np.asarray(gx[1]), np.asarray(gx[0]), rtol=1e-4, atol=1e-6)
 
 
 def test_top_k_stays_on_the_topk_kernel_next_to_a_cond():
