@@ -7,8 +7,9 @@ SAELens: its `SAETrainer.step` (training forward pass with AuxK, dead-latent cou
 grad clip, Adam, LR schedule). sparsify: the step of its `Trainer` written out (it has no public
 one-step call): `SparseCoder.forward` with a dead mask (fused encoder: dense forward, sparse
 backward), fvu + auxk_alpha * auxk, backward, decoder-parallel gradient removal, clip, Adam,
-unit-norm decoder. AuxK is on in both (every latent counts as dead, as in ours). Prints one JSON
-line: seconds per step, first-step seconds, peak resident memory.
+unit-norm decoder. --dead 1 (default): AuxK on in both (every latent counts as dead, as in ours);
+--dead 0: no latent is dead, so AuxK is skipped; --dead_frac f: the first f n latents held dead. Prints one JSON line: seconds per step,
+first-step seconds, peak resident memory.
 """
 
 from __future__ import annotations
@@ -36,11 +37,22 @@ def saelens_step(a, x):
       total_training_samples=steps * a.batch, train_batch_size_samples=a.batch, lr=1e-4,
       lr_end=1e-4, lr_scheduler_name='constant', lr_warm_up_steps=0, lr_decay_steps=0,
       adam_beta1=0.9, adam_beta2=0.999, device='cpu', autocast=False,
-      dead_feature_window=0,  # every latent that did not fire last step is dead: AuxK on
+      # --dead 1: every latent that did not fire last step is dead (AuxK on); 0: none is (the
+      # window is longer than the run)
+      dead_feature_window=0 if a.dead else 10**9,
       feature_sampling_window=steps, n_checkpoints=0, checkpoint_path=None,
       save_final_checkpoint=False, logger=LoggingConfig(log_to_wandb=False))
   trainer = SAETrainer(cfg=cfg, sae=sae, data_provider=iter([x] * steps))
-  return lambda: trainer.step(x), sae_lens.__version__
+  if a.dead_frac <= 0:
+    return lambda: trainer.step(x), sae_lens.__version__
+  trainer.cfg.dead_feature_window = 10**9
+  m = round(a.dead_frac * a.n)
+
+  def step():  # the first m latents held dead (its counter is reset before every step)
+    trainer.n_forward_passes_since_fired.zero_()
+    trainer.n_forward_passes_since_fired[:m] = 2 * 10**9
+    return trainer.step(x)
+  return step, sae_lens.__version__
 
 
 def sparsify_step(a, x):
@@ -50,7 +62,9 @@ def sparsify_step(a, x):
     raise ValueError('sparsify trains TopK only (no BatchTopK); pass --arch topk')
   sae = SparseCoder(a.d, SparseCoderConfig(num_latents=a.n, k=a.k))
   opt = torch.optim.Adam(sae.parameters(), lr=1e-4)
-  dead = torch.ones(a.n, dtype=torch.bool)
+  dead = torch.ones(a.n, dtype=torch.bool) if a.dead else None
+  if a.dead_frac > 0:
+    dead = torch.arange(a.n) < round(a.dead_frac * a.n)
 
   def step():
     out = sae(x, dead_mask=dead)
@@ -72,6 +86,9 @@ def main():
   for name in ('d', 'n', 'k', 'batch', 'steps'):
     p.add_argument(f'--{name}', type=int, required=True)
   p.add_argument('--threads', type=int, default=2)
+  p.add_argument('--dead', type=int, default=1)
+  p.add_argument('--dead_frac', type=float, default=0.0, help='> 0: this fraction of the latents '
+                 'held dead (overrides --dead)')
   a = p.parse_args()
   torch.set_num_threads(a.threads)
   torch.manual_seed(0)

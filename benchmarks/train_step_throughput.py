@@ -27,9 +27,13 @@ from csae_jax.train import optim, state as state_lib, step as step_lib
 
 
 def measure(d: int, n: int, k: int, batch: int, dtype: str, sparse: bool, iters: int,
-            arch: str = 'batch_topk', dead_tokens: int | None = None, warm: int = 3) -> dict:
+            arch: str = 'batch_topk', dead_tokens: int | None = None, warm: int = 3,
+            dead_frac: float = 0.0) -> dict:
   """ms/step of the jitted level-1 step. dead_tokens=None: no latent is dead (AuxK skipped);
-  0: every latent counts as dead, so AuxK runs every step."""
+  0: every latent counts as dead, so AuxK runs every step. dead_frac > 0: the first dead_frac n
+  latents are held dead (their counters are set before every step; the rest never are)."""
+  if dead_frac > 0:
+    dead_tokens = state_lib.SINCE_FIRED_MAX
   hyper = objective.SAEHyper(arch=arch, k=k, k_aux=d // 2, auxk_weight=1 / 32,
                              dead_tokens=10 * batch if dead_tokens is None else dead_tokens,
                              k_anneal_steps=0, d=d, compute_dtype=dtype, sparse_decode=sparse)
@@ -47,12 +51,18 @@ def measure(d: int, n: int, k: int, batch: int, dtype: str, sparse: bool, iters:
   jstep = jstep.lower(st, x).compile()  # compile time alone, then the compiled step is timed
   compile_s = time.perf_counter() - t0
   mem = jstep.memory_analysis()
+  hold = lambda s: s  # pylint: disable=unnecessary-lambda-assignment
+  if dead_frac > 0:
+    since_n = jax.device_put(jnp.where(jnp.arange(n) < round(dead_frac * n),
+                                       state_lib.SINCE_FIRED_MAX, 0).astype(jnp.int32),
+                             st.since_fired['level1'].sharding)
+    hold = lambda s: s.replace(since_fired={'level1': since_n + 0})  # pylint: disable=unnecessary-lambda-assignment
   for _ in range(warm):
-    st, m = jstep(st, x)
+    st, m = jstep(hold(st), x)
   jax.block_until_ready(m['loss'])
   t0 = time.perf_counter()
   for _ in range(iters):
-    st, m = jstep(st, x)
+    st, m = jstep(hold(st), x)
   jax.block_until_ready(m['loss'])
   t = (time.perf_counter() - t0) / iters
   return {'dtype': dtype, 'sparse_decode': sparse, 'ms_per_step': round(1e3 * t, 3),

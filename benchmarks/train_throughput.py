@@ -8,7 +8,9 @@ Every step runs in its own process (ours: `python -m benchmarks.train_throughput
 the peers in their own venvs, benchmarks/_venvs.py, through _peer_step_side.py), so each one's
 peak resident memory is its own. All run with AuxK on (every latent counted dead) on the same
 random activations, each for --steps timed steps after one warm-up step (kept short: the machine
-is shared). Reported, all measured in this run:
+is shared), in three regimes: `alive` (no latent dead, AuxK skipped), `some` (1/32 of the
+latents held dead, as in a healthy run once the dead-latent window has passed) and `dead` (AuxK
+on, every latent counted dead: AuxK's k_aux = d / 2 latents per row, the worst case). Reported, all measured in this run:
   activations/s and the ratio to the fastest peer's step of the same arch;
   FLOP utilisation: useful FLOPs / time / the f32 matmul peak measured here on the step's own
     encoder GEMM shape. Useful FLOPs are what a k-sparse step must do: the encoder forward
@@ -38,11 +40,13 @@ from benchmarks import _venvs  # noqa: E402
 CONFIGS = {'first': (1024, 16384, 32, 4096), 'paper': (2560, 20000, 6, 1024),
            'small': (256, 4096, 32, 512)}
 PEERS = {'saelens': ('sae-lens==6.54.12', 'sae_lens'), 'sparsify': ('eai-sparsify==1.3.3', 'sparsify')}
+# The 'some' regime: this fraction of the latents held dead (a healthy run's few dead latents).
+SOME_DEAD = 1 / 32
 ARCHS = {'topk': {'saelens': 'topk', 'sparsify': 'topk'}, 'batch_topk': {'saelens': 'batchtopk'}}
 
 
-def useful_flops(d: int, n: int, k: int, batch: int) -> float:
-  k_aux = min(d // 2, n)
+def useful_flops(d: int, n: int, k: int, batch: int, regime: str = 'dead') -> float:
+  k_aux = {'alive': 0, 'some': min(d // 2, round(SOME_DEAD * n)), 'dead': min(d // 2, n)}[regime]
   return 2.0 * batch * d * n + 8.0 * batch * (k + k_aux) * d
 
 
@@ -64,8 +68,10 @@ def matmul_peak(d: int, n: int, batch: int, reps: int = 3) -> float:
 
 def one_ours(args) -> dict:
   from benchmarks import train_step_throughput  # pylint: disable=g-import-not-at-top
-  r = train_step_throughput.measure(args.d, args.n, args.k, args.batch, 'float32', args.sparse,
-                                    args.steps, arch=args.arch, dead_tokens=0, warm=1)
+  r = train_step_throughput.measure(args.d, args.n, args.k, args.batch, args.dtype, args.sparse,
+                                    args.steps, arch=args.arch,
+                                    dead_tokens=0 if args.dead else None, warm=1,
+                                    dead_frac=args.dead_frac)
   r['peak_rss_bytes'] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
   return r
 
@@ -87,18 +93,19 @@ def load() -> float:
 
 def markdown(res: dict) -> str:
   c = res['sizes']
-  lines = [f"Level-1 step, d {c['d']}, n {c['n']}, k {c['k']}, batch {c['batch']}, f32, AuxK on; "
+  lines = [f"Level-1 step, d {c['d']}, n {c['n']}, k {c['k']}, batch {c['batch']}, f32 unless said; "
            f"{res['device']}, {os.cpu_count()} cores, load average {res['load_start']} -> "
            f"{res['load_end']} (shared machine: absolute figures are loaded ones; the ratios are "
            f"measured in the same run). f32 matmul peak here: {res['matmul_gflops']:.0f} GFLOP/s.",
-           '', '| arch | step | s / step | activations / s | vs fastest peer | FLOP util | '
-           'compile s | peak RSS GiB |', '|---|---|---|---|---|---|---|---|']
+           '', '| regime | arch | step | s / step | activations / s | vs fastest peer | FLOP util | '
+           'compile s | peak RSS GiB |', '|---|---|---|---|---|---|---|---|---|']
   for r in res['rows']:
     if 'error' in r:
-      lines.append(f"| {r['arch']} | {r['step']} | {r['error']} | | | | | |")
+      lines.append(f"| {r['regime']} | {r['arch']} | {r['step']} | {r['error']} | | | | | |")
       continue
     ratio = '' if r.get('vs_fastest_peer') is None else f"{r['vs_fastest_peer']:.2f}x"
-    lines.append(f"| {r['arch']} | {r['step']} | {r['s_per_step']:.3f} | {r['acts_per_s']:.0f} | "
+    lines.append(f"| {r['regime']} | {r['arch']} | {r['step']} | {r['s_per_step']:.3f} | "
+                 f"{r['acts_per_s']:.0f} | "
                  f"{ratio} | {100 * r['flop_util']:.1f}% | {r['compile_s']:.1f} | "
                  f"{r['peak_rss_bytes'] / 2**30:.2f} |")
   return '\n'.join(lines) + '\n'
@@ -116,6 +123,14 @@ def main():
     ap.add_argument(f'--{name}', type=int, help=argparse.SUPPRESS)
   ap.add_argument('--arch', help=argparse.SUPPRESS)
   ap.add_argument('--sparse', type=int, help=argparse.SUPPRESS)
+  ap.add_argument('--dead', type=int, default=1, help=argparse.SUPPRESS)
+  ap.add_argument('--dtype', default='float32', help=argparse.SUPPRESS)
+  ap.add_argument('--dead_frac', type=float, default=0.0, help=argparse.SUPPRESS)
+  ap.add_argument('--regimes', default='alive,some,dead', help='alive: no latent dead (AuxK '
+                  'skipped); some: 1/32 of the latents dead (held fixed); dead: every latent dead '
+                  '(AuxK on, the worst case)')
+  ap.add_argument('--bf16', type=int, default=1, help='also our k-sparse step with bfloat16 '
+                  'matmuls (f32 accumulation and params)')
   args = ap.parse_args()
   if args.one:
     print(json.dumps(one_ours(args)))
@@ -130,21 +145,29 @@ def main():
   sizes = ['--d', str(d), '--n', str(n), '--k', str(k), '--batch', str(batch), '--steps',
            str(args.steps)]
   rows = []
-  for arch in ARCHS:
-    if 'ours' in libs:
-      for sparse in (0, 1):
-        r = run_json([sys.executable, '-m', 'benchmarks.train_throughput', '--one', 'ours',
-                      '--arch', arch, '--sparse', str(sparse)] + sizes, args.timeout)
-        rows.append({**r, 'arch': arch, 'step': 'ours, k-sparse' if sparse else 'ours, dense'})
-    for lib, peer_arch in ARCHS[arch].items():
-      if lib not in libs:
-        continue
-      pin, module = PEERS[lib]
-      versions = _venvs.ensure_venv(lib, pin, module)
-      r = run_json([_venvs.venv_python(lib), os.path.join(HERE, '_peer_step_side.py'), '--lib',
-                    lib, '--arch', peer_arch] + sizes, args.timeout)
-      rows.append({**r, 'arch': arch, 'step': f'{lib} {versions[module]}', 'peer': True})
-  flops = useful_flops(d, n, k, batch)
+  for regime in args.regimes.split(','):
+    dead = {'alive': 0, 'some': 0, 'dead': 1}[regime]
+    frac = ['--dead_frac', str(SOME_DEAD)] if regime == 'some' else []
+    for arch in ARCHS:
+      if 'ours' in libs:
+        steps = [(0, 'float32'), (1, 'float32')] + ([(1, 'bfloat16')] if args.bf16 else [])
+        for sparse, dtype in steps:
+          r = run_json([sys.executable, '-m', 'benchmarks.train_throughput', '--one', 'ours',
+                        '--arch', arch, '--sparse', str(sparse), '--dead', str(dead),
+                        '--dtype', dtype] + sizes + frac, args.timeout)
+          name = 'ours, k-sparse' if sparse else 'ours, dense'
+          rows.append({**r, 'arch': arch, 'regime': regime,
+                       'step': name + (', bf16 matmuls' if dtype != 'float32' else '')})
+      for lib, peer_arch in ARCHS[arch].items():
+        if lib not in libs:
+          continue
+        pin, module = PEERS[lib]
+        versions = _venvs.ensure_venv(lib, pin, module)
+        r = run_json([_venvs.venv_python(lib), os.path.join(HERE, '_peer_step_side.py'), '--lib',
+                      lib, '--arch', peer_arch, '--dead', str(dead)] + sizes + frac,
+                     args.timeout)
+        rows.append({**r, 'arch': arch, 'regime': regime, 'step': f'{lib} {versions[module]}',
+                     'peer': True})
   for r in rows:
     if 'error' in r:
       continue
@@ -153,16 +176,20 @@ def main():
     else:
       r['compile_s'] = r['first_step_s']  # the peers' first step stands in for compile time
     r['acts_per_s'] = batch / r['s_per_step']
+    flops = useful_flops(d, n, k, batch, r['regime'])
     r['flop_util'] = flops / r['s_per_step'] / (peak * 1e9)
-  for arch in ARCHS:
+  # vs the fastest peer step of the same regime (any arch: sparsify has no BatchTopK, and the
+  # goal compares our BatchTopK step with the fastest peer step there is)
+  for regime in args.regimes.split(','):
     peer_s = [r['s_per_step'] for r in rows
-              if r['arch'] == arch and r.get('peer') and 's_per_step' in r]
+              if r['regime'] == regime and r.get('peer') and 's_per_step' in r]
     for r in rows:
-      if r['arch'] == arch and 's_per_step' in r:
+      if r['regime'] == regime and 's_per_step' in r:
         r['vs_fastest_peer'] = min(peer_s) / r['s_per_step'] if peer_s else None
   res = {**_results.device(), 'config': args.config,
          'sizes': {'d': d, 'n': n, 'k': k, 'batch': batch}, 'steps': args.steps,
-         'useful_gflop_per_step': flops / 1e9, 'matmul_gflops': peak, 'load_start': load_start,
+         'useful_gflop_per_step': {g: useful_flops(d, n, k, batch, g) / 1e9
+                                   for g in ('alive', 'some', 'dead')}, 'matmul_gflops': peak, 'load_start': load_start,
          'load_end': load(), 'jax': jax.__version__, 'rows': rows}
   path = _results.save(res, args.out, f'train_throughput_{args.config}')
   md = markdown(res)

@@ -193,6 +193,26 @@ def test_code_l1_is_a_level1_k_sparse_default():
     _build(lambda d: d['level1'].update(code_l1=-1.0))
 
 
+def test_sparse_step_auto_is_on_exactly_where_it_applies():
+  """train.sparse_decode = None (the default) resolves to the k-sparse step for TopK and BatchTopK
+  with a fixed k in staged mode on an unsharded latent axis, and to the dense step elsewhere;
+  an explicit value is kept."""
+  assert _default().train.sparse_decode is None
+  cases = ((lambda d: None, True),
+           (lambda d: d['level1'].update(arch='topk'), True),
+           (lambda d: d['level1'].update(arch='batch_topk'), True),
+           (lambda d: d['level1'].update(arch='relu_l1'), False),
+           (lambda d: d['level1'].update(arch='matryoshka'), False),
+           (lambda d: d['level1'].update(recipe='reference'), False),  # k annealing
+           (lambda d: d['level1'].update(k_anneal_frac=0.05), False),
+           (lambda d: d.update(mode='joint'), False),
+           (lambda d: d['mesh'].update(model=2), False),
+           (lambda d: d['train'].update(sparse_decode=False), False))
+  for mutate, want in cases:
+    cfg = config_lib.resolve(_build(mutate), d=64)
+    assert cfg.train.sparse_decode is want, (mutate, cfg.level1.arch)
+
+
 def test_resolve_explicit_sizes_kept():
   cfg = _build(lambda d: (d['level1'].update(n_latents=300, k=5),
                           d['level2'].update(n_latents=40, k=2)))

@@ -204,6 +204,22 @@ def aux_is_dense(k_aux: int, n: int) -> bool:
   return k_aux > 0 and k_aux * AUX_DENSE_RATIO >= n
 
 
+# A healthy run has a few dead latents at a time. When at most n / AUX_COMPACT_DIV are dead, the
+# dense AuxK runs on those columns only ([B, n / 8] instead of [B, n]: its top-k and its three
+# GEMMs cost ~1/8); with more dead it runs on all n. Both give the same codes and gradients.
+AUX_COMPACT_DIV = 8
+
+
+class DenseAux(NamedTuple):
+  """The dense AuxK's selection: case 0 none dead (skipped), 1 dead latents compacted into
+  idx_c (valid_c marks the real ones), 2 over all latents; thr_b1 each row's k_aux-th largest dead
+  activation (its codes are rebuilt from acts and thr in the backward)."""
+  case: jax.Array
+  thr_b1: jax.Array
+  idx_c: jax.Array
+  valid_c: jax.Array
+
+
 class SparseOut(NamedTuple):
   x_hat_bd: jax.Array      # reconstruction, b_dec included
   aux_hat_bd: jax.Array    # AuxK reconstruction of the residual (no b_dec); zeros when off
@@ -218,8 +234,8 @@ def _aux_codes(acts_bn, dead_n, thr_b1):
 
 
 def _encode_select(cfg: SparseConfig, w_enc, b_enc, b_dec, x_bd, dead_n):
-  """Returns xc, acts, the main pairs, AuxK's selection (pairs, or each row's threshold [B, 1]
-  on the dense path) and whether any latent is dead."""
+  """Returns xc, acts, the main pairs, AuxK's pairs (None on the dense AuxK path) and whether
+  any latent is dead."""
   xc_bd = x_bd - b_dec
   pre_bn = jnp.matmul(xc_bd.astype(cfg.compute_dtype), w_enc.astype(cfg.compute_dtype),
                       preferred_element_type=jnp.float32)
@@ -229,14 +245,41 @@ def _encode_select(cfg: SparseConfig, w_enc, b_enc, b_dec, x_bd, dead_n):
   any_dead = jnp.any(dead_n) if cfg.k_aux > 0 else jnp.zeros((), bool)
   k_aux = max(1, min(cfg.k_aux, n))
   if aux_is_dense(cfg.k_aux, n):
-    aux = jax.lax.cond(any_dead, lambda a: row_threshold(jnp.where(dead_n, a, 0.0), k_aux),
-                       lambda a: jnp.zeros((b, 1), jnp.float32), acts_bn)
+    aux = None  # selected and decoded together in _dense_aux_fwd
   else:
     aux = jax.lax.cond(
         any_dead, lambda a: select_rows(jnp.where(dead_n, a, 0.0), k_aux),
         lambda a: Pairs(jnp.zeros(b * k_aux), jnp.zeros(b * k_aux, jnp.int32),
                         jnp.zeros(b * k_aux, jnp.int32)), acts_bn)
   return xc_bd, acts_bn, main, aux, any_dead
+
+
+def _dense_aux_fwd(cfg: SparseConfig, acts_bn, dead_n, any_dead, w_dec_c):
+  """AuxK's selection (`DenseAux`) and reconstruction [B, d] on dense GEMMs."""
+  b, n = acts_bn.shape
+  k_aux = max(1, min(cfg.k_aux, n))
+  cap = max(1, n // AUX_COMPACT_DIV)
+  n_dead = jnp.sum(dead_n)
+  case = jnp.where(any_dead, jnp.where(n_dead <= cap, 1, 2), 0).astype(jnp.int32)
+  idx_c = jnp.nonzero(dead_n, size=cap, fill_value=0)[0].astype(jnp.int32)
+  valid_c = jnp.arange(cap) < n_dead
+  dot = lambda a, w: jnp.matmul(a.astype(cfg.compute_dtype), w,
+                                preferred_element_type=jnp.float32)
+
+  def none():
+    return jnp.zeros((b, 1), jnp.float32), jnp.zeros((b, w_dec_c.shape[1]), jnp.float32)
+
+  def compact():  # fewer than k_aux compacted columns: every positive dead one is kept (thr 0)
+    a_bc = jnp.where(valid_c, acts_bn[:, idx_c], 0.0)
+    thr_b1 = row_threshold(a_bc, min(k_aux, cap))
+    return thr_b1, dot(_aux_codes(a_bc, valid_c, thr_b1), w_dec_c[idx_c])
+
+  def full():
+    thr_b1 = row_threshold(jnp.where(dead_n, acts_bn, 0.0), k_aux)
+    return thr_b1, dot(_aux_codes(acts_bn, dead_n, thr_b1), w_dec_c)
+
+  thr_b1, aux_hat_bd = jax.lax.switch(case, [none, compact, full])
+  return DenseAux(case, thr_b1, idx_c, valid_c), aux_hat_bd
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -256,10 +299,7 @@ def _fwd(cfg, w_enc_dn, b_enc_n, w_dec_nd, b_dec_d, x_bd, dead_n):
                               lambda: jnp.zeros_like(x_hat_bd))
     acts_res = None  # the pair path keeps no [B, n] array for the backward
   else:
-    aux_hat_bd = jax.lax.cond(
-        any_dead, lambda: jnp.matmul(_aux_codes(acts_bn, dead_n, aux).astype(cfg.compute_dtype),
-                                     w_dec_c, preferred_element_type=jnp.float32),
-        lambda: jnp.zeros_like(x_hat_bd))
+    aux, aux_hat_bd = _dense_aux_fwd(cfg, acts_bn, dead_n, any_dead, w_dec_c)
     # The dense AuxK backward rebuilds its codes from acts and the thresholds: keeping acts (already
     # computed) costs memory only, where a [B, n] residual out of the cond would be written (zeros)
     # on every step without dead latents too.
@@ -282,10 +322,11 @@ def _bwd(cfg, res, g: SparseOut):
   dw_dec_nd, dpre_s = _pair_dec_grads(main, g.x_hat_bd, g.main.v_s, w_dec_nd,
                                       jnp.zeros((n, d), jnp.float32))
 
-  def enc_from_pairs(dw_dec_nd, pair_lists):
+  def enc_from_pairs(dw_dec_nd, pair_lists, extra=None):
     """The encoder's gradients from pairs: accumulated per latent, transposed once. Returned out of
     a `lax.cond`, the [d, n] transpose is materialised there; fused into the optimizer's loops it
-    made them read [n, d] column-wise (3x slower than the same loops over W_dec, measured)."""
+    made them read [n, d] column-wise (3x slower than the same loops over W_dec, measured).
+    extra(dw_enc_nd, db_enc_n, dx_bd) adds the compact AuxK's share before the transpose."""
     dw_enc_nd, db_enc_n = jnp.zeros((n, d), jnp.float32), jnp.zeros(n, jnp.float32)
     dx_bd = jnp.zeros((b, d), jnp.float32)
     for p, dpre in pair_lists:
@@ -293,6 +334,8 @@ def _bwd(cfg, res, g: SparseOut):
       # x enters only through xc = x - b_dec: dx_b = sum_j dpre_bj W_enc[:, j]. Under jit XLA
       # drops this when the input needs no gradient (level 1, whose input is data).
       dx_bd = dx_bd + decode_pairs(Pairs(dpre, p.row_s, p.col_s), w_enc_nd, b)
+    if extra is not None:
+      dw_enc_nd, db_enc_n, dx_bd = extra(dw_enc_nd, db_enc_n, dx_bd)
     return dw_dec_nd, jax.lax.optimization_barrier(dw_enc_nd.T), db_enc_n, dx_bd
 
   def alive(dw_dec_nd):
@@ -304,18 +347,36 @@ def _bwd(cfg, res, g: SparseOut):
                                               _dense_dv(g.aux_hat_bd, w_dec_nd, aux), w_dec_nd,
                                               dw_dec_nd, dv_given=True)
       return enc_from_pairs(dw_dec_nd, [(main, dpre_s), (aux, dpre_aux_s)])
+
+    dw_dec_nd, dw_enc_dn, db_enc_n, dx_bd = jax.lax.cond(any_dead, dead, alive, dw_dec_nd)
   else:
-    def dead(dw_dec_nd):
+    g_aux = g.aux_hat_bd
+
+    def compact(dw_dec_nd):
+      # AuxK on the compacted dead columns: the full case below on [B, C], scattered back by row.
+      idx = aux.idx_c
+      a_bc = _aux_codes(jnp.where(aux.valid_c, acts_bn[:, idx], 0.0), aux.valid_c, aux.thr_b1)
+      dpre_bc = jnp.where(a_bc > 0, g_aux @ w_dec_nd[idx].T, 0.0)
+      dw_dec_nd = dw_dec_nd.at[idx].add(a_bc.T @ g_aux)  # padding columns are 0: add nothing
+
+      def extra(dw_enc_nd, db_enc_n, dx_bd):
+        return (dw_enc_nd.at[idx].add(dpre_bc.T @ xc_bd), db_enc_n.at[idx].add(jnp.sum(dpre_bc, 0)),
+                dx_bd + dpre_bc @ w_enc_nd[idx])
+
+      return enc_from_pairs(dw_dec_nd, [(main, dpre_s)], extra)
+
+    def full(dw_dec_nd):
       # Dense AuxK: codes A rebuilt from acts; dA = (g_aux W_dec^T) on A's support; dW_dec +=
       # A^T g_aux. The main pairs' dpre joins dA in one [B, n] array, so the encoder's whole
       # gradient is one GEMM, xc^T D, already in W_enc's [d, n] layout.
-      a_bn = _aux_codes(acts_bn, dead_n, aux)
-      dpre_bn = jnp.where(a_bn > 0, g.aux_hat_bd @ w_dec_nd.T, 0.0)
-      dw_dec_nd = dw_dec_nd + a_bn.T @ g.aux_hat_bd
+      a_bn = _aux_codes(acts_bn, dead_n, aux.thr_b1)
+      dpre_bn = jnp.where(a_bn > 0, g_aux @ w_dec_nd.T, 0.0)
+      dw_dec_nd = dw_dec_nd + a_bn.T @ g_aux
       dpre_bn = dpre_bn.at[main.row_s, main.col_s].add(dpre_s)
       return dw_dec_nd, xc_bd.T @ dpre_bn, jnp.sum(dpre_bn, 0), dpre_bn @ w_enc_nd
 
-  dw_dec_nd, dw_enc_dn, db_enc_n, dx_bd = jax.lax.cond(any_dead, dead, alive, dw_dec_nd)
+    dw_dec_nd, dw_enc_dn, db_enc_n, dx_bd = jax.lax.switch(aux.case, [alive, compact, full],
+                                                           dw_dec_nd)
   # b_dec: the decoder's bias, minus what the encoder input passed back (sum_b dx_b).
   db_dec_d = jnp.sum(g.x_hat_bd, 0) - w_enc_dn @ db_enc_n
   return (dw_enc_dn, db_enc_n, dw_dec_nd, db_dec_d, dx_bd, None)

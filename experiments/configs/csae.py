@@ -173,11 +173,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 'bfloat16': encoder/decoder matmuls in bf16 (TPU/GPU speed); params, optimiser state,
   # thresholds and losses stay float32
   c.train.compute_dtype = 'float32'
-  # k-sparse archs (topk, batch_topk, matryoshka): decode by gathering the selected decoder
-  # rows, O(batch k d) instead of O(batch n d); the encoder stays dense. Measured with
-  # `python -m benchmarks.sparse_decode` (CPU, fwd+bwd): topk 0.45x the dense time at n = 4096,
-  # 0.11x at n = 32768; batch_topk 0.98x at n = 4096, 0.24x at n = 32768. Worth it for big n.
-  c.train.sparse_decode = False
+  # The k-sparse level-1 step (saes/sparse.py): only the encoder GEMM is dense; decode, backward
+  # and statistics touch the k * batch selected pairs. None = auto: on for TopK / BatchTopK with a
+  # fixed k in staged mode on an unsharded latent axis, else off; True forces it (matryoshka too),
+  # False keeps the dense step. `python -m benchmarks.train_throughput` measures both.
+  c.train.sparse_decode = config_dict.placeholder(bool)
   c.train.grad_clip = 1.0        # global gradient-norm clip
   c.train.log_every = 25         # metrics / progress cadence (also bounds async dispatch)
   c.train.checkpoint_every = 500  # orbax save cadence (steps); the last step is always saved

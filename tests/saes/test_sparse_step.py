@@ -56,14 +56,16 @@ def test_row_selection_is_each_rows_top_k():
     ('topk', 24, 16, 96, 5, False, 0.3),       # the code L1 through the custom VJP's values
     ('batch_topk', 32, 8, 300, 3, True, 0.3),
 ])
-@pytest.mark.parametrize('aux_dense', [True, False])
+@pytest.mark.parametrize('aux', ['dense_full', 'dense_compact', 'pairs'])
 def test_sparse_loss_and_grads_match_dense_over_chunks(monkeypatch, arch, b, d, n, k, overflow,
-                                                       code_l1, aux_dense):
+                                                       code_l1, aux):
   # Chunks of 7 pairs: the scatter loops run many chunks and pad the last one. AuxK on its dense
-  # GEMM path and on the pair path.
+  # GEMM path (over all latents: half of them dead; compacted: n / 16 dead) and on the pair path.
   monkeypatch.setattr(sparse, 'CHUNK_BYTES', 7 * 4 * d)
-  monkeypatch.setattr(sparse, 'AUX_DENSE_RATIO', 10**6 if aux_dense else 0)
-  assert sparse.aux_is_dense(2 * k, n) == aux_dense
+  monkeypatch.setattr(sparse, 'AUX_DENSE_RATIO', 0 if aux == 'pairs' else 10**6)
+  assert sparse.aux_is_dense(2 * k, n) == (aux != 'pairs')
+  n_dead = n // 16 if aux == 'dense_compact' else n // 2
+  assert (n_dead <= n // sparse.AUX_COMPACT_DIV) == (aux == 'dense_compact')
   params = common.init_params(jax.random.key(2), d, n)
   params['b_dec'] = jnp.linspace(-0.5, 0.5, d)
   x = jax.random.normal(jax.random.key(3), (b, d))
@@ -71,7 +73,7 @@ def test_sparse_loss_and_grads_match_dense_over_chunks(monkeypatch, arch, b, d, 
     x = x.at[0].mul(40.0)
     acts = common.pre_acts(params, x)
     assert _overflows(acts, k)
-  since = jnp.where(jnp.arange(n) < n // 2, 0, 10**6)  # half dead: AuxK runs
+  since = jnp.where(jnp.arange(n) < n - n_dead, 0, 10**6)  # the last n_dead dead: AuxK runs
   h = objective.SAEHyper(arch=arch, k=k, k_aux=2 * k, auxk_weight=1 / 32, dead_tokens=100,
                          k_anneal_steps=0, d=d, code_l1=code_l1)
   assert objective.uses_sparse_step(h._replace(sparse_decode=True))
