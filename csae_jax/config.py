@@ -132,9 +132,9 @@ class TrainConfig:
   decay_start: float = 0.8
   lr_schedule: str = 'linear_decay'
   compute_dtype: str = 'float32'
-  # The k-sparse level-1 step (saes/sparse.py). None = auto: on where it applies (TopK or
-  # BatchTopK level 1 with a fixed k, staged mode, latents not sharded), off elsewhere; `resolve`
-  # fills it in. True where it does not apply is an error, False keeps the dense step.
+  # The k-sparse level-1 step (saes/sparse.py). None = auto (`use_sparse_step`): on CPU where it
+  # applies (TopK or BatchTopK level 1 with a fixed k, staged mode, latents not sharded), off
+  # elsewhere. True where it does not apply is an error, False keeps the dense step.
   sparse_decode: bool | None = None
   grad_clip: float = 1.0
   log_every: int = 25
@@ -328,10 +328,12 @@ def validate(cfg: Config) -> Config:
                        f'{cfg.sweep.level}; sweep.level=1 sweeps seeds, lr, k, l1_coeff, '
                        f'l0_coeff; sweep.level=2 sweeps seeds, lr, n2')
   if t.sparse_decode and (cfg.level1.arch not in ('topk', 'batch_topk', 'matryoshka')
-                          or (cfg.level1.k_anneal_frac or 0) > 0 or cfg.mode != 'staged'):
+                          or (cfg.level1.k_anneal_frac or 0) > 0
+                          or cfg.mode not in ('staged', 'joint')
+                          or (cfg.mode == 'joint' and cfg.level1.arch == 'matryoshka')):
     raise ValueError('train.sparse_decode needs a k-sparse level1.arch (topk, batch_topk, '
-                     'matryoshka) with a fixed k (no k_anneal_frac) in staged mode; set '
-                     '--config.train.sparse_decode=False')
+                     'matryoshka) with a fixed k (no k_anneal_frac) in staged mode, or topk / '
+                     'batch_topk in joint mode; set --config.train.sparse_decode=False')
   if t.sparse_decode and cfg.mesh.model > 1:
     # its lax.top_k and row gathers on the latent axis make XLA gather [batch, n_latents] and the
     # whole decoder on every device (tests/train/test_latent_sharding.py); the dense step's
@@ -552,24 +554,27 @@ def resolve(cfg: Config, *, d: int, synthetic_atoms: int | None = None) -> Confi
     raise ValueError(f'level2.n_latents = {level2.n_latents} exceeds level1.n_latents = '
                      f'{level1.n_latents}: level 2 groups level-1 features, make it smaller')
   train = t if t.lr else dataclasses.replace(t, lr=auto_lr(level1.n_latents))
-  if train.sparse_decode is None:
-    train = dataclasses.replace(train, sparse_decode=sparse_step_applies(
-        dataclasses.replace(cfg, level1=level1)))
   return dataclasses.replace(cfg, level1=level1, level2=level2, train=train)
 
 
 def sparse_step_applies(cfg: Config) -> bool:
-  """Whether train.sparse_decode = None (auto) turns the k-sparse level-1 step on: TopK or
-  BatchTopK with a fixed k, staged mode, latents not sharded, not a sweep (k traced per SAE).
-  Measured (benchmarks/train_throughput.py, this repo's README): never slower than the dense step,
-  ~6x faster at d 1024, n 16384, batch 4096 on CPU. Matryoshka's sparse decode stays opt-in
-  (0.98x the dense time at n 4096)."""
+  """Whether the k-sparse level-1 step can run: TopK or BatchTopK with a fixed k, staged or joint
+  mode (joint: level 1's part of the step; level 2 on the live rows stays dense), latents not
+  sharded (not a sweep: k is traced per SAE there)."""
   return (cfg.level1.arch in ('topk', 'batch_topk') and not (cfg.level1.k_anneal_frac or 0) > 0
-          and cfg.mode == 'staged' and cfg.mesh.model == 1)
+          and cfg.mode in ('staged', 'joint') and cfg.mesh.model == 1)
 
 
-def to_dict(cfg: Any) -> dict:
-  return dataclasses.asdict(cfg)
+def use_sparse_step(cfg: Config, backend: str) -> bool:
+  """train.sparse_decode resolved on the backend that trains (None = auto: the k-sparse step where
+  it applies on CPU, where it is measured never slower than the dense step and ~5x faster at d
+  1024, n 16384, batch 4096 (README "Training speed"); off on GPU / TPU, where the dense step's
+  GEMMs won (H200: 11.8 ms dense vs 21.7 ms sparse per step, README "GPUs and TPUs"). Resolved
+  at the stage, not in `resolve`: the backend is known only once jax (and jax.distributed) is up,
+  and the config's fingerprint stays the same on every backend."""
+  if cfg.train.sparse_decode is not None:
+    return cfg.train.sparse_decode
+  return backend == 'cpu' and sparse_step_applies(cfg)
 
 
 def stable_hash(obj: Any) -> str:

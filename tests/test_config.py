@@ -194,9 +194,9 @@ def test_code_l1_is_a_level1_k_sparse_default():
 
 
 def test_sparse_step_auto_is_on_exactly_where_it_applies():
-  """train.sparse_decode = None (the default) resolves to the k-sparse step for TopK and BatchTopK
-  with a fixed k in staged mode on an unsharded latent axis, and to the dense step elsewhere;
-  an explicit value is kept."""
+  """train.sparse_decode = None (the default) means the k-sparse step on CPU for TopK and
+  BatchTopK with a fixed k in staged mode on an unsharded latent axis, and the dense step
+  elsewhere and on GPU / TPU; an explicit value is kept."""
   assert _default().train.sparse_decode is None
   cases = ((lambda d: None, True),
            (lambda d: d['level1'].update(arch='topk'), True),
@@ -205,12 +205,17 @@ def test_sparse_step_auto_is_on_exactly_where_it_applies():
            (lambda d: d['level1'].update(arch='matryoshka'), False),
            (lambda d: d['level1'].update(recipe='reference'), False),  # k annealing
            (lambda d: d['level1'].update(k_anneal_frac=0.05), False),
-           (lambda d: d.update(mode='joint'), False),
+           (lambda d: d.update(mode='joint'), True),   # level 1's part of the joint step
+           (lambda d: d.update(mode='compare'), False),
            (lambda d: d['mesh'].update(model=2), False),
            (lambda d: d['train'].update(sparse_decode=False), False))
-  for mutate, want in cases:
+  for i, (mutate, want) in enumerate(cases):
     cfg = config_lib.resolve(_build(mutate), d=64)
-    assert cfg.train.sparse_decode is want, (mutate, cfg.level1.arch)
+    assert config_lib.use_sparse_step(cfg, 'cpu') is want, i
+    assert config_lib.use_sparse_step(cfg, 'gpu') is False, i
+    assert config_lib.use_sparse_step(cfg, 'tpu') is False, i
+  forced = config_lib.resolve(_build(lambda d: d['train'].update(sparse_decode=True)), d=64)
+  assert config_lib.use_sparse_step(forced, 'gpu') is True
 
 
 def test_resolve_explicit_sizes_kept():

@@ -26,7 +26,8 @@ def train(cfg: config_lib.Config, source, mesh, workdir: str, *, hooks=()
   t = cfg.train
   key1, key2 = jax.random.split(jax.random.key(t.seed))
   x0_bd = stages.first_global_batch(source)
-  spec1 = stages.level_spec(cfg.level1, source.d, t.steps, t.compute_dtype, mesh=mesh)
+  spec1 = stages.level_spec(cfg.level1, source.d, t.steps, t.compute_dtype,
+                            config_lib.use_sparse_step(cfg, jax.default_backend()), mesh=mesh)
   stage = stages.make_stage(cfg, workdir, 'joint',
                             ('data', 'level1', 'level2', 'train', 'joint'), source)
   spec2 = stages.level_spec(cfg.level2, source.d, t.steps - cfg.joint.level2_start,

@@ -76,7 +76,8 @@ def train(cfg: config_lib.Config, source, mesh, workdir: str, *, hooks=()
   stage1 = stages.make_stage(cfg, workdir, 'level1', ('data', 'level1', 'train'), source)
   init1 = stages.sae_init_fn(key1, cfg.level1, x0_bd)
   res1 = loop.fit(stage=stage1, mesh=mesh, levels={'level1': stages.level_spec(
-                      cfg.level1, source.d, t.steps, t.compute_dtype, t.sparse_decode, mesh)},
+                      cfg.level1, source.d, t.steps, t.compute_dtype,
+                      config_lib.use_sparse_step(cfg, jax.default_backend()), mesh)},
                   init_params=lambda: {'level1': init1()}, jittable_init=True,
                   optimizer=stages.optimizer(t.lr, t.steps, t), source=source, steps=t.steps,
                   log_every=t.log_every, checkpoint_every=t.checkpoint_every, hooks=hooks,
