@@ -133,8 +133,8 @@ class TrainConfig:
   lr_schedule: str = 'linear_decay'
   compute_dtype: str = 'float32'
   # The k-sparse level-1 step (saes/sparse.py). None = auto (`use_sparse_step`): on CPU where it
-  # applies (TopK or BatchTopK level 1 with a fixed k, staged mode, latents not sharded), off
-  # elsewhere. True where it does not apply is an error, False keeps the dense step.
+  # applies (TopK or BatchTopK level 1 with a fixed k, staged or joint mode, latents not
+  # sharded), off elsewhere. True where it does not apply is an error, False: the dense step.
   sparse_decode: bool | None = None
   grad_clip: float = 1.0
   log_every: int = 25
@@ -567,14 +567,19 @@ def sparse_step_applies(cfg: Config) -> bool:
 
 def use_sparse_step(cfg: Config, backend: str) -> bool:
   """train.sparse_decode resolved on the backend that trains (None = auto: the k-sparse step where
-  it applies on CPU, where it is measured never slower than the dense step and ~5x faster at d
-  1024, n 16384, batch 4096 (README "Training speed"); off on GPU / TPU, where the dense step's
+  it applies on CPU, where it measured 1.4-5x faster than the dense step at the README's sizes
+  ("Training speed"; at d 256, n 4096 with every latent dead it was 1.15x slower); off on GPU /
+  TPU, where the dense step's
   GEMMs won (H200: 11.8 ms dense vs 21.7 ms sparse per step, README "GPUs and TPUs"). Resolved
   at the stage, not in `resolve`: the backend is known only once jax (and jax.distributed) is up,
   and the config's fingerprint stays the same on every backend."""
   if cfg.train.sparse_decode is not None:
     return cfg.train.sparse_decode
   return backend == 'cpu' and sparse_step_applies(cfg)
+
+
+def to_dict(cfg: Any) -> dict:
+  return dataclasses.asdict(cfg)
 
 
 def stable_hash(obj: Any) -> str:
