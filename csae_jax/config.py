@@ -567,9 +567,9 @@ def sparse_step_applies(cfg: Config) -> bool:
 
 def use_sparse_step(cfg: Config, backend: str) -> bool:
   """train.sparse_decode resolved on the backend that trains (None = auto: the k-sparse step where
-  it applies on CPU, where it measured 1.4-5x faster than the dense step at the README's sizes
-  ("Training speed"; at d 256, n 4096 with every latent dead it was 1.15x slower); off on GPU /
-  TPU, where the dense step's
+  it applies on CPU, where it measured 1.0-5x the dense step's speed (README "Training speed",
+  `benchmarks/results/train_throughput_*_cpu.md`; about equal only with every latent dead at
+  d 256, n 4096); off on GPU / TPU, where the dense step's
   GEMMs won (H200: 11.8 ms dense vs 21.7 ms sparse per step, README "GPUs and TPUs"). Resolved
   at the stage, not in `resolve`: the backend is known only once jax (and jax.distributed) is up,
   and the config's fingerprint stays the same on every backend."""
