@@ -133,7 +133,7 @@ class TrainConfig:
   lr_schedule: str = 'linear_decay'
   compute_dtype: str = 'float32'
   # The k-sparse level-1 step (saes/sparse.py). None = auto (`use_sparse_step`): on CPU where it
-  # applies (TopK or BatchTopK level 1 with a fixed k, staged or joint mode, latents not
+  # applies (TopK or BatchTopK level 1 with a fixed k, any mode but sweep, latents not
   # sharded), off elsewhere. True where it does not apply is an error, False: the dense step.
   sparse_decode: bool | None = None
   grad_clip: float = 1.0
@@ -328,12 +328,11 @@ def validate(cfg: Config) -> Config:
                        f'{cfg.sweep.level}; sweep.level=1 sweeps seeds, lr, k, l1_coeff, '
                        f'l0_coeff; sweep.level=2 sweeps seeds, lr, n2')
   if t.sparse_decode and (cfg.level1.arch not in ('topk', 'batch_topk', 'matryoshka')
-                          or (cfg.level1.k_anneal_frac or 0) > 0
-                          or cfg.mode not in ('staged', 'joint')
+                          or (cfg.level1.k_anneal_frac or 0) > 0 or cfg.mode == 'sweep'
                           or (cfg.mode == 'joint' and cfg.level1.arch == 'matryoshka')):
-    raise ValueError('train.sparse_decode needs a k-sparse level1.arch (topk, batch_topk, '
-                     'matryoshka) with a fixed k (no k_anneal_frac) in staged mode, or topk / '
-                     'batch_topk in joint mode; set --config.train.sparse_decode=False')
+    raise ValueError('train.sparse_decode needs a k-sparse level1.arch (topk, batch_topk; '
+                     'matryoshka outside joint mode) with a fixed k (no k_anneal_frac), not in '
+                     'mode=sweep (k is traced per SAE); set --config.train.sparse_decode=False')
   if t.sparse_decode and cfg.mesh.model > 1:
     # its lax.top_k and row gathers on the latent axis make XLA gather [batch, n_latents] and the
     # whole decoder on every device (tests/train/test_latent_sharding.py); the dense step's
@@ -558,11 +557,12 @@ def resolve(cfg: Config, *, d: int, synthetic_atoms: int | None = None) -> Confi
 
 
 def sparse_step_applies(cfg: Config) -> bool:
-  """Whether the k-sparse level-1 step can run: TopK or BatchTopK with a fixed k, staged or joint
-  mode (joint: level 1's part of the step; level 2 on the live rows stays dense), latents not
-  sharded (not a sweep: k is traced per SAE there)."""
+  """Whether the k-sparse level-1 step can run: TopK or BatchTopK with a fixed k, latents not
+  sharded, any mode but a sweep (k is traced per SAE there). In joint mode it is level 1's part
+  of the step (level 2 on the live rows stays dense); in compare mode every level 1 (CSAE's and
+  the baselines') takes the same step, so the methods differ by method only."""
   return (cfg.level1.arch in ('topk', 'batch_topk') and not (cfg.level1.k_anneal_frac or 0) > 0
-          and cfg.mode in ('staged', 'joint') and cfg.mesh.model == 1)
+          and cfg.mode != 'sweep' and cfg.mesh.model == 1)
 
 
 def use_sparse_step(cfg: Config, backend: str) -> bool:

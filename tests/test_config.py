@@ -206,7 +206,8 @@ def test_sparse_step_auto_is_on_exactly_where_it_applies():
            (lambda d: d['level1'].update(recipe='reference'), False),  # k annealing
            (lambda d: d['level1'].update(k_anneal_frac=0.05), False),
            (lambda d: d.update(mode='joint'), True),   # level 1's part of the joint step
-           (lambda d: d.update(mode='compare'), False),
+           (lambda d: d.update(mode='compare'), True),  # the baselines' level 1 alike
+           (lambda d: d.update(mode='sweep'), False),
            (lambda d: d['mesh'].update(model=2), False),
            (lambda d: d['train'].update(sparse_decode=False), False))
   for i, (mutate, want) in enumerate(cases):
