@@ -40,13 +40,13 @@ from benchmarks import _venvs  # noqa: E402
 CONFIGS = {'first': (1024, 16384, 32, 4096), 'paper': (2560, 20000, 6, 1024),
            'small': (256, 4096, 32, 512)}
 PEERS = {'saelens': ('sae-lens==6.54.12', 'sae_lens'), 'sparsify': ('eai-sparsify==1.3.3', 'sparsify')}
-# The 'some' regime: this fraction of the latents held dead (a healthy run's few dead latents).
-SOME_DEAD = 1 / 32
+# Fraction of the latents dead per regime ('some': held dead, a healthy run's few dead latents).
+DEAD_FRACTION = {'alive': 0.0, 'some': 1 / 32, 'dead': 1.0}
 ARCHS = {'topk': {'saelens': 'topk', 'sparsify': 'topk'}, 'batch_topk': {'saelens': 'batchtopk'}}
 
 
 def useful_flops(d: int, n: int, k: int, batch: int, regime: str = 'dead') -> float:
-  k_aux = {'alive': 0, 'some': min(d // 2, round(SOME_DEAD * n)), 'dead': min(d // 2, n)}[regime]
+  k_aux = min(d // 2, round(DEAD_FRACTION[regime] * n))  # AuxK's latents per row
   return 2.0 * batch * d * n + 8.0 * batch * (k + k_aux) * d
 
 
@@ -146,8 +146,9 @@ def main():
            str(args.steps)]
   rows = []
   for regime in args.regimes.split(','):
-    dead = {'alive': 0, 'some': 0, 'dead': 1}[regime]
-    frac = ['--dead_frac', str(SOME_DEAD)] if regime == 'some' else []
+    f = DEAD_FRACTION[regime]
+    dead = int(f == 1.0)  # every latent dead: the children's --dead 1; a fraction: --dead_frac
+    frac = ['--dead_frac', str(f)] if 0 < f < 1 else []
     for arch in ARCHS:
       if 'ours' in libs:
         steps = [(0, 'float32'), (1, 'float32')] + ([(1, 'bfloat16')] if args.bf16 else [])

@@ -81,10 +81,9 @@ def auxk_loss(params: common.Params, acts_bn, dead_n: Bool[Array, 'n'], resid_bd
   """AuxK (Gao et al. 2024): the k_aux largest dead latents reconstruct the (detached)
   residual, decoded without b_dec, normalised by the residual's variance. It gives dead latents
   a gradient towards what the live ones miss, which revives them."""
-  dead_acts_bn = jnp.where(dead_n, acts_bn, 0.0)
   k_aux = min(k_aux, acts_bn.shape[-1])
-  thr_b1 = select.kth_largest(dead_acts_bn, k_aux, axis=-1)[:, None]
-  aux_codes_bn = jnp.where((dead_acts_bn >= thr_b1) & (dead_acts_bn > 0), dead_acts_bn, 0.0)
+  thr_b1 = select.kth_largest(jnp.where(dead_n, acts_bn, 0.0), k_aux, axis=-1)[:, None]
+  aux_codes_bn = sparse.aux_codes(acts_bn, dead_n, thr_b1)
   return auxk_from_decode(aux_codes_bn @ params['w_dec'], resid_bd, dead_n, valid_b)
 
 

@@ -228,8 +228,9 @@ class SparseOut(NamedTuple):
   any_dead: jax.Array      # bool scalar: AuxK ran
 
 
-def _aux_codes(acts_bn, dead_n, thr_b1):
-  """Dense AuxK codes: the dead latents at or above each row's threshold (positive only)."""
+def aux_codes(acts_bn, dead_n, thr_b1):
+  """Dense AuxK codes: the dead latents at or above each row's threshold (positive only); the
+  dense step (objective.auxk_loss) and this module's dense AuxK share it."""
   dead_bn = jnp.where(dead_n, acts_bn, 0.0)
   return jnp.where((dead_bn >= thr_b1) & (dead_bn > 0), dead_bn, 0.0)
 
@@ -273,11 +274,11 @@ def _dense_aux_fwd(cfg: SparseConfig, acts_bn, dead_n, any_dead, w_dec_c):
   def compact():  # fewer than k_aux compacted columns: every positive dead one is kept (thr 0)
     a_bc = jnp.where(valid_c, acts_bn[:, idx_c], 0.0)
     thr_b1 = row_threshold(a_bc, min(k_aux, cap))
-    return thr_b1, dot(_aux_codes(a_bc, valid_c, thr_b1), w_dec_c[idx_c])
+    return thr_b1, dot(aux_codes(a_bc, valid_c, thr_b1), w_dec_c[idx_c])
 
   def full():
     thr_b1 = row_threshold(jnp.where(dead_n, acts_bn, 0.0), k_aux)
-    return thr_b1, dot(_aux_codes(acts_bn, dead_n, thr_b1), w_dec_c)
+    return thr_b1, dot(aux_codes(acts_bn, dead_n, thr_b1), w_dec_c)
 
   thr_b1, aux_hat_bd = jax.lax.switch(case, [none, compact, full])
   return DenseAux(case, thr_b1, idx_c, valid_c), aux_hat_bd
@@ -363,7 +364,7 @@ def _bwd(cfg, res, g: SparseOut):
     def compact(dw_dec_nd):
       # AuxK on the compacted dead columns: the full case below on [B, C], scattered back by row.
       idx = aux.idx_c
-      a_bc = _aux_codes(jnp.where(aux.valid_c, acts_bn[:, idx], 0.0), aux.valid_c, aux.thr_b1)
+      a_bc = aux_codes(jnp.where(aux.valid_c, acts_bn[:, idx], 0.0), aux.valid_c, aux.thr_b1)
       dpre_bc = jnp.where(a_bc > 0, g_aux @ w_dec_nd[idx].T, 0.0)
       dw_dec_nd = dw_dec_nd.at[idx].add(a_bc.T @ g_aux)  # padding columns are 0: add nothing
 
@@ -377,7 +378,7 @@ def _bwd(cfg, res, g: SparseOut):
       # Dense AuxK: codes A rebuilt from acts; dA = (g_aux W_dec^T) on A's support; dW_dec +=
       # A^T g_aux. The main pairs' dpre joins dA in one [B, n] array, so the encoder's whole
       # gradient is one GEMM, xc^T D, already in W_enc's [d, n] layout.
-      a_bn = _aux_codes(acts_bn, dead_n, aux.thr_b1)
+      a_bn = aux_codes(acts_bn, dead_n, aux.thr_b1)
       dpre_bn = jnp.where(a_bn > 0, g_aux @ w_dec_nd.T, 0.0)
       dw_dec_nd = dw_dec_nd + a_bn.T @ g_aux
       dpre_bn = dpre_bn.at[main.row_s, main.col_s].add(dpre_s)
