@@ -195,8 +195,8 @@ def test_code_l1_is_a_level1_k_sparse_default():
 
 def test_sparse_step_auto_is_on_exactly_where_it_applies():
   """train.sparse_decode = None (the default) means the k-sparse step on CPU for TopK and
-  BatchTopK with a fixed k in staged mode on an unsharded latent axis, and the dense step
-  elsewhere and on GPU / TPU; an explicit value is kept."""
+  BatchTopK with a fixed k and n1 >= SPARSE_AUTO_MIN_LATENTS on an unsharded latent axis outside
+  sweeps, and the dense step elsewhere and on GPU / TPU; an explicit value is kept."""
   assert _default().train.sparse_decode is None
   cases = ((lambda d: None, True),
            (lambda d: d['level1'].update(arch='topk'), True),
@@ -210,8 +210,11 @@ def test_sparse_step_auto_is_on_exactly_where_it_applies():
            (lambda d: d.update(mode='sweep'), False),
            (lambda d: d['mesh'].update(model=2), False),
            (lambda d: d['train'].update(sparse_decode=False), False))
+  big = lambda d: d['level1'].update(n_latents=config_lib.SPARSE_AUTO_MIN_LATENTS)
+  small = config_lib.resolve(_build(lambda d: d['level1'].update(n_latents=4096)), d=64)
+  assert config_lib.use_sparse_step(small, 'cpu') is False  # small dictionaries: the dense step
   for i, (mutate, want) in enumerate(cases):
-    cfg = config_lib.resolve(_build(mutate), d=64)
+    cfg = config_lib.resolve(_build(lambda d, mutate=mutate: (big(d), mutate(d))), d=64)
     assert config_lib.use_sparse_step(cfg, 'cpu') is want, i
     assert config_lib.use_sparse_step(cfg, 'gpu') is False, i
     assert config_lib.use_sparse_step(cfg, 'tpu') is False, i
