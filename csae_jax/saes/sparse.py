@@ -16,14 +16,25 @@ gradients and the encoder-weight gradient), which is what made the dense step sl
 No [B, n] array is kept for the backward (only the pairs), and no [S, d] array is ever built:
 pairs are processed in chunks of about CHUNK_BYTES inside a `fori_loop`.
 
-Selection (measured on this CPU, [1024, 16384], k = 32, one-off timings, notes h14): `lax.top_k` per row 84 ms, `lax.approx_max_k` 72 ms (exact fallback off TPU),
-31-pass bisection per row 398 ms, over the batch 826 ms, `lax.top_k` over the flattened batch
-200 ms. So rows use `lax.top_k`, and the batch top-k takes each row's top CANDIDATES_PER_K * k
-candidates and the batch top-k among those, which is exact whenever no row's last candidate
-reaches the batch threshold; when one does, a `lax.cond` falls back to the bisection over the
-whole batch (exact, slower; only on that rare step). Each `lax.top_k` sits behind an
-optimization barrier (`top_k`): without it, XLA CPU turned it into a full sort next to a cond.
-approx_max_k is not exact on TPU, so it is not used.
+Selection (measured on this CPU). `lax.top_k` costs per kept entry as well as per entry read
+(its heap: ~54 ns an insertion), so at [4096, 16384] a row top-128 took 255 ms and BatchTopK over
+those candidates 270 of a ~1100 ms step. With many latents per row (`use_blocks`) both
+selections run over block maxima instead (BLOCK = 16 consecutive latents): a block holding one
+of the largest entries has a maximum at least that large, so
+  TopK      `lax.top_k` over each row's [n / 16] maxima, then over its k best blocks' 16 k
+            entries (65 against 119 ms);
+  BatchTopK a bound L below the (k B)-th largest block maximum (20 bisection passes), the live
+            blocks (maximum >= L: ~k B of them, compacted), the exact threshold over their
+            entries (a bisection up from L) and the pairs above it (91 against 257 ms; ~30 of
+            those the compactions, `compact`). Exact: every entry >= the batch threshold lies
+            in a live block. When ties at L overfill the room for live blocks, a `lax.cond`
+            runs the bisection over the whole batch (exact, slower; measure zero for floats).
+Few latents per row: `lax.top_k` directly (TopK), BatchTopK from each row's top CANDIDATES_PER_K
+* k (exact unless some row's last candidate reaches the threshold, then the same fallback).
+Each `lax.top_k` sits behind an optimization barrier (`top_k`): without it, XLA CPU turned it
+into a full sort next to a cond. approx_max_k is not exact on TPU, so it is not used. The
+activations reach the selection as PreActs(pre, b): relu(pre + b) is never written as a second
+[B, n] array (block_max fuses it; the live blocks gather pre and b).
 """
 
 from __future__ import annotations
@@ -43,6 +54,16 @@ from csae_jax.saes import select
 CHUNK_BYTES = 8 << 20
 # BatchTopK candidates per row, in units of k: rows rarely keep more than a few k.
 CANDIDATES_PER_K = 4
+# Selection over block maxima (`select_rows`, `select_batch`): BLOCK consecutive latents per
+# block; used from BLOCK_MIN_PER_K * k blocks per row. 16 balances the pass over the maxima
+# ([B, n / 16]) against the one over the live blocks' entries (~16 k B).
+BLOCK = 16
+BLOCK_MIN_PER_K = 4
+# BatchTopK's bound L stops after this many bisection passes (within 2 ** 11 ulps, ~2.4e-4
+# relative): live blocks beyond k B are then those few within that band, and up to
+# k B / LIVE_SLACK_DIV + BLOCK of them are room enough (else the exact fallback runs).
+BLOCK_BOUND_PASSES = 20
+LIVE_SLACK_DIV = 64
 
 
 class Pairs(NamedTuple):
@@ -50,6 +71,25 @@ class Pairs(NamedTuple):
   v_s: Float[Array, 's']
   row_s: Int[Array, 's']
   col_s: Int[Array, 's']
+
+
+class PreActs(NamedTuple):
+  """Activations relu(pre + b) left unevaluated: XLA fuses the bias and the ReLU into each pass
+  that reads them (the block maxima, the live blocks' gather, a cond's branch) instead of
+  writing a second [B, n] array next to the GEMM's (65 ms a step at [4096, 16384], most of it
+  the fresh buffer's page faults). Every selection function takes one or a plain array."""
+  pre_bn: jax.Array
+  b_n: jax.Array
+
+  @property
+  def shape(self):
+    return self.pre_bn.shape
+
+
+def _acts(a):
+  """The activations of a PreActs (evaluated where this is called: inside a cond's branch, so
+  the cond takes the GEMM's output, not a new [B, n] array) or a plain array as it is."""
+  return jax.nn.relu(a.pre_bn + a.b_n) if isinstance(a, PreActs) else a
 
 
 def top_k(acts_bn, k: int):
@@ -70,18 +110,83 @@ def _rows_of(idx_bm):
   return jnp.broadcast_to(jnp.arange(idx_bm.shape[0], dtype=jnp.int32)[:, None], idx_bm.shape)
 
 
+def _padded(a_bn):
+  pad = (-a_bn.shape[-1]) % BLOCK
+  if not pad:
+    return a_bn
+  return jnp.pad(a_bn, ((0, 0),) * (a_bn.ndim - 1) + ((0, pad),))
+
+
+def block_max(acts_bn):
+  """[B, q] each block's maximum: BLOCK consecutive latents per block, n padded with zeros to a
+  multiple of BLOCK."""
+  if isinstance(acts_bn, PreActs):
+    # relu(max(pre + b)) = max(relu(pre + b)), and the bias added as [q, BLOCK] to the
+    # [B, q, BLOCK] view: XLA CPU's fused reduce then runs at memory speed (11 ms at
+    # [4096, 16384]); the [n] bias broadcast over the flat rows made it 95 ms.
+    pre_bqk = _padded(acts_bn.pre_bn).reshape(acts_bn.shape[0], -1, BLOCK)
+    return jax.nn.relu(jnp.max(pre_bqk + _padded(acts_bn.b_n).reshape(-1, BLOCK), -1))
+  a_bn = _padded(acts_bn)
+  return jnp.max(a_bn.reshape(a_bn.shape[0], -1, BLOCK), -1)
+
+
+def block_entries(acts_bn, blk_s):
+  """[S, BLOCK] the entries of the blocks with flat ids blk_s (row * q + block). From a PreActs
+  the GEMM's output and the bias are gathered and the ReLU applied after, so the only full pass
+  over relu(pre + b) is block_max's (fused; nothing [B, n] is written)."""
+  if isinstance(acts_bn, PreActs):
+    pre_sk = _padded(acts_bn.pre_bn).reshape(-1, BLOCK)[blk_s]
+    b_qk = _padded(acts_bn.b_n).reshape(-1, BLOCK)
+    return jax.nn.relu(pre_sk + b_qk[blk_s % b_qk.shape[0]])
+  return _padded(acts_bn).reshape(-1, BLOCK)[blk_s]
+
+
+def use_blocks(n: int, k: int) -> bool:
+  """Whether the block-maxima selection applies: blocks much fewer than latents but still at
+  least BLOCK_MIN_PER_K * k of them per row (else the dense top-k is as cheap)."""
+  return -(-n // BLOCK) >= BLOCK_MIN_PER_K * k
+
+
 def select_rows(acts_bn, k: int) -> Pairs:
-  """Each row's k largest (TopK, AuxK)."""
-  v_bk, idx_bk = top_k(acts_bn, k)
+  """Each row's k largest (TopK, AuxK).
+
+  With many latents per row (`use_blocks`): each row's k blocks of largest maximum hold its k
+  largest entries (an entry among them lies in a block whose maximum is at least it, hence at
+  least the row's k-th largest block maximum; ties aside), so `lax.top_k` runs over the block
+  maxima and then over those k blocks' entries, [B, n / 16] and [B, 16 k] instead of [B, n]:
+  77 against 121 ms at [4096, 16384], k 32 (`lax.top_k`'s heap costs per kept entry too)."""
+  b, n = acts_bn.shape
+  if not use_blocks(n, k):
+    v_bk, idx_bk = top_k(_acts(acts_bn), k)
+  else:
+    m_bq = block_max(acts_bn)
+    _, blk_bk = top_k(m_bq, k)
+    flat_bk = blk_bk + m_bq.shape[1] * jnp.arange(b, dtype=blk_bk.dtype)[:, None]
+    cand_bm = block_entries(acts_bn, flat_bk.reshape(-1)).reshape(b, k * BLOCK)
+    v_bk, i_bk = top_k(cand_bm, k)
+    idx_bk = jnp.take_along_axis(blk_bk, i_bk // BLOCK, 1) * BLOCK + i_bk % BLOCK
   return Pairs(v_bk.reshape(-1), _rows_of(idx_bk).reshape(-1), idx_bk.reshape(-1).astype(jnp.int32))
+
+
+def compact(mask_bm, size: int):
+  """The flat (row-major) positions of mask's first `size` True entries, padded with 0, and how
+  many are True. Offsets per row, then within rows: 30 ms against `jnp.nonzero`'s 47 ms at
+  [4096, 1024] (one cumsum over the whole array is the slow part)."""
+  b, m = mask_bm.shape
+  in_row_bm = jnp.cumsum(mask_bm.astype(jnp.int32), axis=1)
+  row_total_b = in_row_bm[:, -1]
+  pos_bm = in_row_bm - 1 + (jnp.cumsum(row_total_b) - row_total_b)[:, None]
+  pos_bm = jnp.where(mask_bm, pos_bm, size)  # out of range: dropped
+  flat = jnp.arange(b * m, dtype=jnp.int32).reshape(b, m)
+  pos_s = jnp.zeros(size, jnp.int32).at[pos_bm.reshape(-1)].set(flat.reshape(-1), mode='drop')
+  return pos_s, jnp.sum(row_total_b)
 
 
 def _pairs_above(v_bm, col_bm, thr, total: int) -> Pairs:
   """The (at most `total`) entries >= thr and > 0 of v_bm, as pairs (row-major order)."""
   m = v_bm.shape[1]
-  keep = ((v_bm >= thr) & (v_bm > 0)).reshape(-1)
-  pos_s = jnp.nonzero(keep, size=total, fill_value=0)[0]
-  valid_s = jnp.arange(total) < jnp.sum(keep)
+  pos_s, count = compact((v_bm >= thr) & (v_bm > 0), total)
+  valid_s = jnp.arange(total) < count
   v_s = jnp.where(valid_s, v_bm.reshape(-1)[pos_s], 0.0)
   return Pairs(v_s, (pos_s // m).astype(jnp.int32), col_bm.reshape(-1)[pos_s].astype(jnp.int32))
 
@@ -114,6 +219,74 @@ def row_threshold(acts_bn, k: int):
 def select_batch(acts_bn, k: int) -> Pairs:
   """The k * B largest entries of the batch (BatchTopK), exactly (see the module docstring).
   Ties at the threshold beyond k * B entries are dropped (measure zero for float inputs)."""
+  b, n = acts_bn.shape
+  if use_blocks(n, k):
+    return _select_batch_blocks(acts_bn, k)
+  return _select_batch_candidates(acts_bn, k)
+
+
+class LiveBlocks(NamedTuple):
+  """BatchTopK's live blocks: the bound `lower`, n_live blocks of maximum >= it (the first cap
+  kept, block ids blk_s into the [B, q] blocks, block column-major) and their entries v_sk
+  [cap, BLOCK] (0 past n_live)."""
+  q: int
+  cap: int
+  lower: jax.Array
+  n_live: jax.Array
+  blk_s: jax.Array
+  v_sk: jax.Array
+
+
+def live_blocks(acts_bn, k: int) -> LiveBlocks:
+  b, _ = acts_bn.shape
+  total = k * b
+  m_bq = block_max(acts_bn)
+  q = m_bq.shape[1]
+  cap = min(b * q, total + total // LIVE_SLACK_DIV + BLOCK)
+  lower = select.kth_largest(m_bq, total, passes=BLOCK_BOUND_PASSES)
+  # Compacted over the transposed [q, B] mask: the pairs come ordered by column block, so the
+  # backward's scatter-adds into dW_dec and dW_enc (and the gathers of W_dec rows) revisit the
+  # same 16 rows of [n, d] while they are in cache instead of a random row per pair (the pair
+  # loops ~215 -> ~170 ms at [4096, 16384], k 32).
+  qb_s, n_live = compact(((m_bq >= lower) & (m_bq > 0)).T, cap)
+  blk_s = qb_s % b * q + qb_s // b
+  v_sk = jnp.where((jnp.arange(cap) < n_live)[:, None], block_entries(acts_bn, blk_s), 0.0)
+  return LiveBlocks(q, cap, lower, n_live, blk_s, v_sk)
+
+
+def _select_batch_blocks(acts_bn, k: int) -> Pairs:
+  """BatchTopK over block maxima, exact, with no per-row top-k (its heap was 290 of a 1100 ms
+  step at [4096, 16384], k 32):
+    L   a lower bound of the (k B)-th largest block maximum (20 bisection passes over [B, n/16]);
+        at least k B entries are >= L (each block's maximum), so the batch threshold t >= L;
+    the live blocks, maximum >= L, hold every entry >= t; they are ~k B blocks (about 1/32 of
+        all; at most LIVE_SLACK more, else the exact fallback over the whole batch);
+    t   the exact (k B)-th largest over the live blocks' entries, bisected up from L;
+    the pairs >= t, positive, ordered by column block (16 latents), then row.
+  A row may take any share of the batch's budget (no candidates per row to overflow)."""
+  b, n = acts_bn.shape
+  total = k * b
+  live = live_blocks(acts_bn, k)
+  q, blk_s, v_sk = live.q, live.blk_s, live.v_sk
+  thr = select.kth_largest_from(v_sk, total, live.lower)
+
+  def from_blocks(_):
+    pos_s, count = compact((v_sk >= thr) & (v_sk > 0), total)
+    blk = blk_s[pos_s // BLOCK]
+    v_s = jnp.where(jnp.arange(total) < count, v_sk.reshape(-1)[pos_s], 0.0)
+    return Pairs(v_s, (blk // q).astype(jnp.int32), (blk % q * BLOCK + pos_s % BLOCK).astype(jnp.int32))
+
+  def from_all(_):
+    a_bn = _acts(acts_bn)
+    cols_bn = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+    return _pairs_above(a_bn, cols_bn, select.kth_largest(a_bn, total), total)
+
+  return jax.lax.cond(live.n_live <= live.cap, from_blocks, from_all, None)
+
+
+def _select_batch_candidates(acts_bn, k: int) -> Pairs:
+  """BatchTopK from each row's top CANDIDATES_PER_K * k (few latents per row)."""
+  acts_bn = _acts(acts_bn)  # (top_k reads a materialized array)
   b, n = acts_bn.shape
   total = k * b
   m = min(n, CANDIDATES_PER_K * k)
@@ -211,10 +384,17 @@ def aux_is_dense(k_aux: int, n: int) -> bool:
 AUX_COMPACT_DIV = 8
 
 
+def aux_few(k_aux: int, n: int) -> int:
+  """Up to this many dead latents AuxK keeps every positive dead activation (no top-k): at most
+  k_aux of them, on [B, this] GEMMs (k_aux = d / 2 columns instead of n / 8)."""
+  return max(1, min(k_aux, n // AUX_COMPACT_DIV))
+
+
 class DenseAux(NamedTuple):
-  """The dense AuxK's selection: case 0 none dead (skipped), 1 dead latents compacted into
-  idx_c (valid_c marks the real ones), 2 over all latents; thr_b1 each row's k_aux-th largest dead
-  activation (its codes are rebuilt from acts and thr in the backward)."""
+  """The dense AuxK's selection: case 0 none dead (skipped), 1 at most `aux_few` dead (all kept,
+  the first aux_few of idx_c), 2 dead latents compacted into idx_c (valid_c marks the real
+  ones), 3 over all latents; thr_b1 each row's k_aux-th largest dead activation (0 in case 1;
+  the codes are rebuilt from acts and thr in the backward)."""
   case: jax.Array
   thr_b1: jax.Array
   idx_c: jax.Array
@@ -241,7 +421,7 @@ def _encode_select(cfg: SparseConfig, w_enc, b_enc, b_dec, x_bd, dead_n):
   xc_bd = x_bd - b_dec
   pre_bn = jnp.matmul(xc_bd.astype(cfg.compute_dtype), w_enc.astype(cfg.compute_dtype),
                       preferred_element_type=jnp.float32)
-  acts_bn = jax.nn.relu(pre_bn + b_enc)
+  acts_bn = PreActs(pre_bn, b_enc)
   main = select_batch(acts_bn, cfg.k) if cfg.batch else select_rows(acts_bn, cfg.k)
   b, n = acts_bn.shape
   any_dead = jnp.any(dead_n) if cfg.k_aux > 0 else jnp.zeros((), bool)
@@ -250,7 +430,7 @@ def _encode_select(cfg: SparseConfig, w_enc, b_enc, b_dec, x_bd, dead_n):
     aux = None  # selected and decoded together in _dense_aux_fwd
   else:
     aux = jax.lax.cond(
-        any_dead, lambda a: select_rows(jnp.where(dead_n, a, 0.0), k_aux),
+        any_dead, lambda a: select_rows(jnp.where(dead_n, _acts(a), 0.0), k_aux),
         lambda a: Pairs(jnp.zeros(b * k_aux), jnp.zeros(b * k_aux, jnp.int32),
                         jnp.zeros(b * k_aux, jnp.int32)), acts_bn)
   return xc_bd, acts_bn, main, aux, any_dead
@@ -262,7 +442,6 @@ def _dense_aux_fwd(cfg: SparseConfig, acts_bn, dead_n, any_dead, w_dec_c):
   k_aux = max(1, min(cfg.k_aux, n))
   cap = max(1, n // AUX_COMPACT_DIV)
   n_dead = jnp.sum(dead_n)
-  case = jnp.where(any_dead, jnp.where(n_dead <= cap, 1, 2), 0).astype(jnp.int32)
   idx_c = jnp.nonzero(dead_n, size=cap, fill_value=0)[0].astype(jnp.int32)
   valid_c = jnp.arange(cap) < n_dead
   dot = lambda a, w: jnp.matmul(a.astype(cfg.compute_dtype), w,
@@ -271,16 +450,25 @@ def _dense_aux_fwd(cfg: SparseConfig, acts_bn, dead_n, any_dead, w_dec_c):
   def none():
     return jnp.zeros((b, 1), jnp.float32), jnp.zeros((b, w_dec_c.shape[1]), jnp.float32)
 
-  def compact():  # fewer than k_aux compacted columns: every positive dead one is kept (thr 0)
-    a_bc = jnp.where(valid_c, acts_bn[:, idx_c], 0.0)
-    thr_b1 = row_threshold(a_bc, min(k_aux, cap))
-    return thr_b1, dot(aux_codes(a_bc, valid_c, thr_b1), w_dec_c[idx_c])
+  def compact(width, few):
+    def branch():
+      idx, valid = idx_c[:width], valid_c[:width]
+      a_bc = jnp.where(valid, _acts(PreActs(acts_bn.pre_bn[:, idx], acts_bn.b_n[idx])), 0.0)
+      # few: at most k_aux dead, so every positive dead activation is kept (threshold 0) and
+      # no top-k runs (270 ms at [4096, 16384] with 512 dead)
+      thr_b1 = jnp.zeros((b, 1), jnp.float32) if few else row_threshold(a_bc, min(k_aux, width))
+      return thr_b1, dot(aux_codes(a_bc, valid, thr_b1), w_dec_c[idx])
+    return branch
 
   def full():
-    thr_b1 = row_threshold(jnp.where(dead_n, acts_bn, 0.0), k_aux)
-    return thr_b1, dot(aux_codes(acts_bn, dead_n, thr_b1), w_dec_c)
+    a_bn = _acts(acts_bn)
+    thr_b1 = row_threshold(jnp.where(dead_n, a_bn, 0.0), k_aux)
+    return thr_b1, dot(aux_codes(a_bn, dead_n, thr_b1), w_dec_c)
 
-  thr_b1, aux_hat_bd = jax.lax.switch(case, [none, compact, full])
+  few = aux_few(k_aux, n)
+  case = jnp.where(any_dead, jnp.where(n_dead <= few, 1, jnp.where(n_dead <= cap, 2, 3)),
+                   0).astype(jnp.int32)
+  thr_b1, aux_hat_bd = jax.lax.switch(case, [none, compact(few, True), compact(cap, False), full])
   return DenseAux(case, thr_b1, idx_c, valid_c), aux_hat_bd
 
 
@@ -361,31 +549,37 @@ def _bwd(cfg, res, g: SparseOut):
   else:
     g_aux = g.aux_hat_bd
 
-    def compact(dw_dec_nd):
-      # AuxK on the compacted dead columns: the full case below on [B, C], scattered back by row.
-      idx = aux.idx_c
-      a_bc = aux_codes(jnp.where(aux.valid_c, acts_bn[:, idx], 0.0), aux.valid_c, aux.thr_b1)
-      dpre_bc = jnp.where(a_bc > 0, g_aux @ w_dec_nd[idx].T, 0.0)
-      dw_dec_nd = dw_dec_nd.at[idx].add(a_bc.T @ g_aux)  # padding columns are 0: add nothing
+    def compact(width):
+      def branch(dw_dec_nd):
+        # AuxK on the compacted dead columns: the full case below on [B, width], scattered back
+        # by row.
+        idx, valid = aux.idx_c[:width], aux.valid_c[:width]
+        a_bc = aux_codes(jnp.where(valid, _acts(PreActs(acts_bn.pre_bn[:, idx],
+                                                        acts_bn.b_n[idx])), 0.0),
+                         valid, aux.thr_b1)
+        dpre_bc = jnp.where(a_bc > 0, g_aux @ w_dec_nd[idx].T, 0.0)
+        dw_dec_nd = dw_dec_nd.at[idx].add(a_bc.T @ g_aux)  # padding columns are 0: add nothing
 
-      def extra(dw_enc_nd, db_enc_n, dx_bd):
-        return (dw_enc_nd.at[idx].add(dpre_bc.T @ xc_bd), db_enc_n.at[idx].add(jnp.sum(dpre_bc, 0)),
-                dx_bd + dpre_bc @ w_enc_nd[idx])
+        def extra(dw_enc_nd, db_enc_n, dx_bd):
+          return (dw_enc_nd.at[idx].add(dpre_bc.T @ xc_bd),
+                  db_enc_n.at[idx].add(jnp.sum(dpre_bc, 0)), dx_bd + dpre_bc @ w_enc_nd[idx])
 
-      return enc_from_pairs(dw_dec_nd, [(main, dpre_s)], extra)
+        return enc_from_pairs(dw_dec_nd, [(main, dpre_s)], extra)
+      return branch
 
     def full(dw_dec_nd):
       # Dense AuxK: codes A rebuilt from acts; dA = (g_aux W_dec^T) on A's support; dW_dec +=
       # A^T g_aux. The main pairs' dpre joins dA in one [B, n] array, so the encoder's whole
       # gradient is one GEMM, xc^T D, already in W_enc's [d, n] layout.
-      a_bn = aux_codes(acts_bn, dead_n, aux.thr_b1)
+      a_bn = aux_codes(_acts(acts_bn), dead_n, aux.thr_b1)
       dpre_bn = jnp.where(a_bn > 0, g_aux @ w_dec_nd.T, 0.0)
       dw_dec_nd = dw_dec_nd + a_bn.T @ g_aux
       dpre_bn = dpre_bn.at[main.row_s, main.col_s].add(dpre_s)
       return dw_dec_nd, xc_bd.T @ dpre_bn, jnp.sum(dpre_bn, 0), dpre_bn @ w_enc_nd
 
-    dw_dec_nd, dw_enc_dn, db_enc_n, dx_bd = jax.lax.switch(aux.case, [alive, compact, full],
-                                                           dw_dec_nd)
+    few = aux_few(max(1, min(cfg.k_aux, n)), n)
+    dw_dec_nd, dw_enc_dn, db_enc_n, dx_bd = jax.lax.switch(
+        aux.case, [alive, compact(few), compact(max(1, n // AUX_COMPACT_DIV)), full], dw_dec_nd)
   dw_enc_dn = _row_major(dw_enc_dn)
   # b_dec: the decoder's bias, minus what the encoder input passed back (sum_b dx_b).
   db_dec_d = jnp.sum(g.x_hat_bd, 0) - w_enc_dn @ db_enc_n

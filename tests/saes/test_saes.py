@@ -76,6 +76,19 @@ def test_kth_largest_traced_k_under_jit():
   assert len(n_traces) == 1  # k is data, not a compile-time constant
 
 
+def test_kth_largest_early_stop_bound_and_exact_from_a_bound():
+  """passes < 31: a lower bound with at least k entries at or above it, close to the k-th
+  largest; kth_largest_from(lower) is exact again (also from 0 and from the exact value)."""
+  x = jax.nn.relu(jax.random.normal(jax.random.key(7), (64, 100)))
+  for k in (1, 17, 500, 3100, 5000):  # 5000 > the ~3200 positives: 0
+    exact = float(select.kth_largest(x, k))
+    lower = select.kth_largest(x, k, passes=20)
+    assert float(lower) <= exact and int(jnp.sum(x >= lower)) >= k
+    assert float(lower) >= exact * (1 - 1e-3)
+    for lo in (lower, jnp.float32(0.0), jnp.float32(exact)):
+      assert float(jax.jit(select.kth_largest_from)(x, k, lo)) == exact
+
+
 def test_kth_largest_zero_when_too_few_positive():
   # The docstring's contract: exactly 0 (not a subnormal) when fewer than k entries are positive.
   x = np.zeros((3, 10), np.float32)

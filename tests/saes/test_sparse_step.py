@@ -29,9 +29,13 @@ def _overflows(acts_bn, k):
   return bool(np.max(cand[:, -1]) >= thr)
 
 
+@pytest.mark.parametrize('path', ['blocks', 'candidates'])
 @pytest.mark.parametrize('overflow', [False, True])
-def test_batch_selection_is_the_dense_batch_topk_exactly(overflow):
+def test_batch_selection_is_the_dense_batch_topk_exactly(monkeypatch, overflow, path):
   b, n, k = 32, 512, 4
+  if path == 'candidates':
+    monkeypatch.setattr(sparse, 'BLOCK_MIN_PER_K', 10**6)
+  assert sparse.use_blocks(n, k) == (path == 'blocks')
   acts = jax.nn.relu(jax.random.normal(jax.random.key(0), (b, n)))
   if overflow:  # row 3 holds far more than its candidates' worth of the batch's largest entries
     acts = acts.at[3, :200].set(10.0 + jax.random.uniform(jax.random.key(9), (200,)))
@@ -39,6 +43,66 @@ def test_batch_selection_is_the_dense_batch_topk_exactly(overflow):
   got = _pair_set(jax.jit(sparse.select_batch, static_argnums=1)(acts, k))
   want = _dense_set(batch_topk.train_codes(acts, k))
   assert got == want and len(got) == k * b
+
+
+def _blocks_case(case):
+  """[B, n] activations for the block-maxima selection, k = 3."""
+  b, n = 16, 1000  # 1000 = 62.5 blocks: the last one padded
+  acts = jax.nn.relu(jax.random.normal(jax.random.key(11), (b, n)))
+  if case == 'sparse':  # fewer positive entries than the batch's k B: all of them kept
+    u = jax.random.uniform(jax.random.key(12), (b, n))
+    acts = jnp.where(u < 0.002, 0.1 + u, 0.0)
+  if case == 'tail':  # the largest entries in the padded last block and at the very end
+    acts = acts.at[:, -8:].set(5.0 + jax.random.uniform(jax.random.key(13), (b, 8)))
+  if case == 'ties':  # k B = 3 B large entries in 2 B blocks, then 23 blocks a row tied at 1.0:
+    # the bound lands on the tie, so every tied block is live (more than the room: the fallback)
+    big = 2.0 + jax.random.uniform(jax.random.key(14), (b, 3))
+    acts = jnp.minimum(acts, 0.5).at[:, 16:400:16].set(1.0)
+    acts = acts.at[:, jnp.array([0, 1, 32])].set(big)
+  return acts
+
+
+@pytest.mark.parametrize('case', ['random', 'sparse', 'tail', 'ties'])
+def test_block_selection_is_exact(case):
+  """The block-maxima BatchTopK and TopK give the dense selection exactly: on a padded last
+  block, with fewer positives than k B, and (BatchTopK) on the tie that overfills the live
+  blocks' room, where the exact fallback over the whole batch runs."""
+  k = 3
+  acts = _blocks_case(case)
+  b, n = acts.shape
+  assert sparse.use_blocks(n, k)
+  live = jax.jit(sparse.live_blocks, static_argnums=1)(acts, k)
+  assert (int(live.n_live) > live.cap) == (case == 'ties')
+  got = _pair_set(jax.jit(sparse.select_batch, static_argnums=1)(acts, k))
+  want = _dense_set(batch_topk.train_codes(acts, k))
+  assert got == want
+  assert len(got) == (int(jnp.sum(acts > 0)) if case == 'sparse' else k * b)
+  if case != 'ties':  # (rows tied at their k-th entry have no unique top k)
+    assert _pair_set(sparse.select_rows(acts, k)) == _dense_set(topk.topk_codes(acts, k))
+
+
+def test_block_selection_from_pre_activations():
+  """The k-sparse step hands the selection PreActs(pre, b) (the ReLU left to XLA to fuse): the
+  same pairs as from relu(pre + b) itself, on a padded last block too."""
+  b, n, k = 16, 1000, 3
+  pre = jax.random.normal(jax.random.key(16), (b, n))
+  bias = jax.random.normal(jax.random.key(17), (n,)) - 1.0
+  acts = jax.nn.relu(pre + bias)
+  lazy = sparse.PreActs(pre, bias)
+  for select, dense in ((sparse.select_batch, batch_topk.train_codes), (sparse.select_rows,
+                                                                        topk.topk_codes)):
+    got = _pair_set(jax.jit(select, static_argnums=1)(lazy, k))
+    assert got == _dense_set(dense(acts, k)) and len(got) == k * b
+
+
+def test_compact_is_nonzero():
+  mask = jax.random.uniform(jax.random.key(15), (37, 53)) < 0.1
+  for size in (5, int(jnp.sum(mask)), 400):
+    pos, count = sparse.compact(mask, size)
+    np.testing.assert_array_equal(np.asarray(pos),
+                                  np.asarray(jnp.nonzero(mask.reshape(-1), size=size,
+                                                         fill_value=0)[0]))
+    assert int(count) == int(jnp.sum(mask))
 
 
 def test_row_selection_is_each_rows_top_k():
@@ -56,16 +120,18 @@ def test_row_selection_is_each_rows_top_k():
     ('topk', 24, 16, 96, 5, False, 0.3),       # the code L1 through the custom VJP's values
     ('batch_topk', 32, 8, 300, 3, True, 0.3),
 ])
-@pytest.mark.parametrize('aux', ['dense_full', 'dense_compact', 'pairs'])
+@pytest.mark.parametrize('aux', ['dense_full', 'dense_compact', 'dense_few', 'pairs'])
 def test_sparse_loss_and_grads_match_dense_over_chunks(monkeypatch, arch, b, d, n, k, overflow,
                                                        code_l1, aux):
   # Chunks of 7 pairs: the scatter loops run many chunks and pad the last one. AuxK on its dense
-  # GEMM path (over all latents: half of them dead; compacted: n / 16 dead) and on the pair path.
+  # GEMM path (over all latents: half of them dead; compacted: n / 8 dead, more than k_aux;
+  # few: k_aux / 2 dead, all kept without a top-k) and on the pair path.
   monkeypatch.setattr(sparse, 'CHUNK_BYTES', 7 * 4 * d)
   monkeypatch.setattr(sparse, 'AUX_DENSE_RATIO', 0 if aux == 'pairs' else 10**6)
   assert sparse.aux_is_dense(2 * k, n) == (aux != 'pairs')
-  n_dead = n // 16 if aux == 'dense_compact' else n // 2
-  assert (n_dead <= n // sparse.AUX_COMPACT_DIV) == (aux == 'dense_compact')
+  n_dead = {'dense_compact': n // 8, 'dense_few': k}.get(aux, n // 2)
+  assert (n_dead <= n // sparse.AUX_COMPACT_DIV) == aux.startswith(('dense_compact', 'dense_few'))
+  assert (n_dead <= sparse.aux_few(2 * k, n)) == (aux == 'dense_few')
   params = common.init_params(jax.random.key(2), d, n)
   params['b_dec'] = jnp.linspace(-0.5, 0.5, d)
   x = jax.random.normal(jax.random.key(3), (b, d))
