@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 import jax
@@ -60,12 +61,15 @@ def measure(d: int, n: int, k: int, batch: int, dtype: str, sparse: bool, iters:
   for _ in range(warm):
     st, m = jstep(hold(st), x)
   jax.block_until_ready(m['loss'])
-  t0 = time.perf_counter()
-  for _ in range(iters):
+  step_s = []
+  for _ in range(iters):  # the median step (as the peers'): robust to one slow step
+    t0 = time.perf_counter()
     st, m = jstep(hold(st), x)
-  jax.block_until_ready(m['loss'])
-  t = (time.perf_counter() - t0) / iters
+    jax.block_until_ready(m['loss'])
+    step_s.append(time.perf_counter() - t0)
+  t = statistics.median(step_s)
   return {'dtype': dtype, 'sparse_decode': sparse, 'ms_per_step': round(1e3 * t, 3),
+          'steps_s': [round(v, 4) for v in step_s],
           'tokens_per_s': round(batch / t), 'compile_s': round(compile_s, 2),
           'temp_bytes': None if mem is None else int(mem.temp_size_in_bytes),
           'loss': float(m['loss'])}

@@ -7,10 +7,12 @@
 Every step runs in its own process (ours: `python -m benchmarks.train_throughput --one ...`;
 the peers in their own venvs, benchmarks/_venvs.py, through _peer_step_side.py), so each one's
 peak resident memory is its own. All run with AuxK on (every latent counted dead) on the same
-random activations, each for --steps timed steps after one warm-up step (kept short: the machine
-is shared), in three regimes: `alive` (no latent dead, AuxK skipped), `some` (1/32 of the
-latents held dead, as in a healthy run once the dead-latent window has passed) and `dead` (AuxK
-on, every latent counted dead: AuxK's k_aux = d / 2 latents per row, the worst case). Reported, all measured in this run:
+random activations, each for --steps timed steps after one warm-up step, the median step
+reported (kept short: the machine is shared; the median moves with no single slow step), in
+three regimes: `alive` (no latent dead, AuxK skipped), `some` (1/32 of the latents held dead,
+as in a healthy run once the dead-latent window has passed) and `dead` (AuxK on, every latent
+counted dead: AuxK's k_aux = d / 2 latents per row, the worst case). Reported, all measured in
+this run:
   activations/s and the ratio to the fastest peer's step of the same arch;
   FLOP utilisation: useful FLOPs / time / the f32 matmul peak measured here on the step's own
     encoder GEMM shape. Useful FLOPs are what a k-sparse step must do: the encoder forward
@@ -114,7 +116,8 @@ def markdown(res: dict) -> str:
 def main():
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--config', choices=sorted(CONFIGS), default='first')
-  ap.add_argument('--steps', type=int, default=3, help='timed steps per measurement')
+  ap.add_argument('--steps', type=int, default=5, help='timed steps per measurement (the median '
+                  'is reported)')
   ap.add_argument('--libs', default='ours,saelens,sparsify')
   ap.add_argument('--timeout', type=float, default=900, help='seconds per measurement')
   ap.add_argument('--out', default=os.path.join(HERE, 'results'))
