@@ -52,13 +52,14 @@ def useful_flops(d: int, n: int, k: int, batch: int, regime: str = 'dead') -> fl
   return 2.0 * batch * d * n + 8.0 * batch * (k + k_aux) * d
 
 
-def matmul_peak(d: int, n: int, batch: int, reps: int = 3) -> float:
-  """Best f32 GFLOP/s of jnp.matmul at the step's encoder shape [batch, d] x [d, n]."""
+def matmul_peak(d: int, n: int, batch: int, reps: int = 3, dtype: str = 'float32') -> float:
+  """Best GFLOP/s of jnp.matmul at the step's encoder shape [batch, d] x [d, n] (bfloat16:
+  float32 accumulation, as the step's bf16 matmuls)."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp
-  a = jax.random.normal(jax.random.key(0), (batch, d))
-  b = jax.random.normal(jax.random.key(1), (d, n))
-  f = jax.jit(jnp.matmul)
+  a = jax.random.normal(jax.random.key(0), (batch, d), dtype)
+  b = jax.random.normal(jax.random.key(1), (d, n), dtype)
+  f = jax.jit(lambda a, b: jnp.matmul(a, b, preferred_element_type=jnp.float32))
   jax.block_until_ready(f(a, b))
   best = float('inf')
   for _ in range(reps):
