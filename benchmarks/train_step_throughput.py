@@ -90,7 +90,7 @@ def main():
           for dt in ('float32', 'bfloat16') for sp in (False, True)]
   base = rows[0]['ms_per_step']
   peak = train_throughput.matmul_peak(args.d, args.n, args.batch, reps=5, dtype='bfloat16')
-  useful = 2.0 * args.batch * args.d * args.n + 8.0 * args.batch * args.k * args.d
+  useful = train_throughput.useful_flops(args.d, args.n, args.k, args.batch, 'alive')
   for r in rows:
     r['time_vs_dense_f32'] = round(r['ms_per_step'] / base, 3)
     r['util_vs_bf16_peak'] = round(useful / (r['ms_per_step'] / 1e3) / (peak * 1e9), 4)

@@ -32,38 +32,39 @@ def kth_largest(acts_nonneg: jax.Array, k, axis: int | None = None,
   batch_shape = () if axis is None else acts_nonneg.shape[:-1]
   k = jnp.asarray(k)
 
-  def body(_, lo_hi):
+  lo = jnp.zeros(batch_shape, jnp.int32)
+  hi = jnp.full(batch_shape, _INF_BITS, jnp.int32)
+  halve = _halving(acts_nonneg, k, axis)
+  lo, _ = jax.lax.fori_loop(0, passes, lambda _, lo_hi: halve(lo_hi), (lo, hi))
+  return _as_float(lo)
+
+
+def _halving(acts_nonneg, k, axis):
+  """One bisection step on bit patterns: keeps count(acts >= lo) >= k > count(acts >= hi)."""
+  def halve(lo_hi):
     lo, hi = lo_hi
     mid = lo + (hi - lo) // 2
     t = jax.lax.bitcast_convert_type(mid, jnp.float32)
     t = t if axis is None else t[..., None]
     ok = jnp.sum(acts_nonneg >= t, axis=axis) >= k
     return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+  return halve
 
-  lo = jnp.zeros(batch_shape, jnp.int32)
-  hi = jnp.full(batch_shape, _INF_BITS, jnp.int32)
-  lo, _ = jax.lax.fori_loop(0, passes, body, (lo, hi))
+
+def _as_float(lo_bits):
   # XLA CPU flushes subnormals to zero in compares, so with fewer than k positive entries the
   # search ends on a subnormal that compares like 0: report it as the 0 it behaves as.
-  lo = jnp.where(lo < _MIN_NORMAL_BITS, 0, lo)
-  return jax.lax.bitcast_convert_type(lo, jnp.float32)
+  lo_bits = jnp.where(lo_bits < _MIN_NORMAL_BITS, 0, lo_bits)
+  return jax.lax.bitcast_convert_type(lo_bits, jnp.float32)
 
 
 def kth_largest_from(acts_nonneg: jax.Array, k, lower: jax.Array) -> jax.Array:
   """`kth_largest(acts_nonneg, k)` (whole array) given a lower bound: at least k entries are
   >= lower (or lower = 0). The bisection runs from [lower, max] until it is exact, so a close
   bound saves passes (a `while_loop`: ~20 instead of 31 over the BatchTopK blocks)."""
-  k = jnp.asarray(k)
   lo = jax.lax.bitcast_convert_type(jnp.asarray(lower, jnp.float32), jnp.int32)
   hi = jax.lax.bitcast_convert_type(jnp.max(acts_nonneg).astype(jnp.float32), jnp.int32) + 1
-
-  def body(lo_hi):
-    lo, hi = lo_hi
-    mid = lo + (hi - lo) // 2
-    ok = jnp.sum(acts_nonneg >= jax.lax.bitcast_convert_type(mid, jnp.float32)) >= k
-    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-  lo, _ = jax.lax.while_loop(lambda lo_hi: lo_hi[1] - lo_hi[0] > 1, body,
+  lo, _ = jax.lax.while_loop(lambda lo_hi: lo_hi[1] - lo_hi[0] > 1,
+                             _halving(acts_nonneg, jnp.asarray(k), None),
                              (lo, jnp.maximum(hi, lo + 1)))
-  lo = jnp.where(lo < _MIN_NORMAL_BITS, 0, lo)  # as in kth_largest
-  return jax.lax.bitcast_convert_type(lo, jnp.float32)
+  return _as_float(lo)

@@ -271,17 +271,21 @@ def _select_batch_blocks(acts_bn, k: int) -> Pairs:
   thr = select.kth_largest_from(v_sk, total, live.lower)
 
   def from_blocks(_):
-    pos_s, count = compact((v_sk >= thr) & (v_sk > 0), total)
-    blk = blk_s[pos_s // BLOCK]
-    v_s = jnp.where(jnp.arange(total) < count, v_sk.reshape(-1)[pos_s], 0.0)
-    return Pairs(v_s, (blk // q).astype(jnp.int32), (blk % q * BLOCK + pos_s % BLOCK).astype(jnp.int32))
+    # the pairs of v_sk's rows (live blocks), mapped back to batch rows
+    cols_sk = (blk_s % q * BLOCK)[:, None] + jnp.arange(BLOCK, dtype=jnp.int32)
+    p = _pairs_above(v_sk, cols_sk, thr, total)
+    return p._replace(row_s=(blk_s[p.row_s] // q).astype(jnp.int32))
 
-  def from_all(_):
-    a_bn = _acts(acts_bn)
-    cols_bn = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-    return _pairs_above(a_bn, cols_bn, select.kth_largest(a_bn, total), total)
+  return jax.lax.cond(live.n_live <= live.cap, from_blocks,
+                      lambda _: _select_batch_all(acts_bn, total), None)
 
-  return jax.lax.cond(live.n_live <= live.cap, from_blocks, from_all, None)
+
+def _select_batch_all(acts_bn, total: int) -> Pairs:
+  """The exact fallback of both BatchTopK paths: the bisection over the whole batch."""
+  a_bn = _acts(acts_bn)
+  b, n = a_bn.shape
+  cols_bn = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
+  return _pairs_above(a_bn, cols_bn, select.kth_largest(a_bn, total), total)
 
 
 def _select_batch_candidates(acts_bn, k: int) -> Pairs:
@@ -293,13 +297,8 @@ def _select_batch_candidates(acts_bn, k: int) -> Pairs:
   cand_v_bm, cand_i_bm = top_k(acts_bn, m)
   thr = select.kth_largest(cand_v_bm, total)  # bisection: ~1 ms on k B candidates
   exact = _candidates_exact(cand_v_bm, thr, n)
-
-  def from_all(_):
-    cols_bn = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))
-    return _pairs_above(acts_bn, cols_bn, select.kth_largest(acts_bn, total), total)
-
-  return jax.lax.cond(exact, lambda _: _pairs_above(cand_v_bm, cand_i_bm, thr, total), from_all,
-                      None)
+  return jax.lax.cond(exact, lambda _: _pairs_above(cand_v_bm, cand_i_bm, thr, total),
+                      lambda _: _select_batch_all(acts_bn, total), None)
 
 
 def scatter_codes(p: Pairs, n_rows: int, n_latents: int) -> Float[Array, 'b n']:
@@ -384,17 +383,35 @@ def aux_is_dense(k_aux: int, n: int) -> bool:
 AUX_COMPACT_DIV = 8
 
 
-def aux_few(k_aux: int, n: int) -> int:
-  """Up to this many dead latents AuxK keeps every positive dead activation (no top-k): at most
-  k_aux of them, on [B, this] GEMMs (k_aux = d / 2 columns instead of n / 8)."""
-  return max(1, min(k_aux, n // AUX_COMPACT_DIV))
+class AuxWidths(NamedTuple):
+  """The dense AuxK's static sizes at n latents: k (its k_aux, at most n), few (up to this many
+  dead it keeps every positive dead activation, no top-k, on [B, few] GEMMs: k_aux = d / 2
+  columns instead of n / 8) and cap (up to this many dead it runs compacted)."""
+  k: int
+  few: int
+  cap: int
+
+
+def aux_widths(k_aux: int, n: int) -> AuxWidths:
+  k = max(1, min(k_aux, n))
+  cap = max(1, n // AUX_COMPACT_DIV)
+  return AuxWidths(k, min(k, cap), cap)
+
+
+def _dead_columns(acts_bn, idx_c, valid_c):
+  """[B, C] the activations of the compacted dead columns idx_c (0 where not valid_c)."""
+  if isinstance(acts_bn, PreActs):
+    cols_bc = jax.nn.relu(acts_bn.pre_bn[:, idx_c] + acts_bn.b_n[idx_c])
+  else:
+    cols_bc = acts_bn[:, idx_c]
+  return jnp.where(valid_c, cols_bc, 0.0)
 
 
 class DenseAux(NamedTuple):
-  """The dense AuxK's selection: case 0 none dead (skipped), 1 at most `aux_few` dead (all kept,
-  the first aux_few of idx_c), 2 dead latents compacted into idx_c (valid_c marks the real
-  ones), 3 over all latents; thr_b1 each row's k_aux-th largest dead activation (0 in case 1;
-  the codes are rebuilt from acts and thr in the backward)."""
+  """The dense AuxK's selection: case 0 none dead (skipped), 1 at most `aux_widths().few`
+  dead (all kept, the first few of idx_c), 2 dead latents compacted into idx_c (valid_c marks
+  the real ones), 3 over all latents; thr_b1 each row's k_aux-th largest dead activation (0 in
+  case 1; the codes are rebuilt from acts and thr in the backward)."""
   case: jax.Array
   thr_b1: jax.Array
   idx_c: jax.Array
@@ -425,7 +442,7 @@ def _encode_select(cfg: SparseConfig, w_enc, b_enc, b_dec, x_bd, dead_n):
   main = select_batch(acts_bn, cfg.k) if cfg.batch else select_rows(acts_bn, cfg.k)
   b, n = acts_bn.shape
   any_dead = jnp.any(dead_n) if cfg.k_aux > 0 else jnp.zeros((), bool)
-  k_aux = max(1, min(cfg.k_aux, n))
+  k_aux = aux_widths(cfg.k_aux, n).k
   if aux_is_dense(cfg.k_aux, n):
     aux = None  # selected and decoded together in _dense_aux_fwd
   else:
@@ -439,8 +456,7 @@ def _encode_select(cfg: SparseConfig, w_enc, b_enc, b_dec, x_bd, dead_n):
 def _dense_aux_fwd(cfg: SparseConfig, acts_bn, dead_n, any_dead, w_dec_c):
   """AuxK's selection (`DenseAux`) and reconstruction [B, d] on dense GEMMs."""
   b, n = acts_bn.shape
-  k_aux = max(1, min(cfg.k_aux, n))
-  cap = max(1, n // AUX_COMPACT_DIV)
+  k_aux, few, cap = aux_widths(cfg.k_aux, n)
   n_dead = jnp.sum(dead_n)
   idx_c = jnp.nonzero(dead_n, size=cap, fill_value=0)[0].astype(jnp.int32)
   valid_c = jnp.arange(cap) < n_dead
@@ -453,7 +469,7 @@ def _dense_aux_fwd(cfg: SparseConfig, acts_bn, dead_n, any_dead, w_dec_c):
   def compact(width, few):
     def branch():
       idx, valid = idx_c[:width], valid_c[:width]
-      a_bc = jnp.where(valid, _acts(PreActs(acts_bn.pre_bn[:, idx], acts_bn.b_n[idx])), 0.0)
+      a_bc = _dead_columns(acts_bn, idx, valid)
       # few: at most k_aux dead, so every positive dead activation is kept (threshold 0) and
       # no top-k runs (270 ms at [4096, 16384] with 512 dead)
       thr_b1 = jnp.zeros((b, 1), jnp.float32) if few else row_threshold(a_bc, min(k_aux, width))
@@ -465,7 +481,6 @@ def _dense_aux_fwd(cfg: SparseConfig, acts_bn, dead_n, any_dead, w_dec_c):
     thr_b1 = row_threshold(jnp.where(dead_n, a_bn, 0.0), k_aux)
     return thr_b1, dot(aux_codes(a_bn, dead_n, thr_b1), w_dec_c)
 
-  few = aux_few(k_aux, n)
   case = jnp.where(any_dead, jnp.where(n_dead <= few, 1, jnp.where(n_dead <= cap, 2, 3)),
                    0).astype(jnp.int32)
   thr_b1, aux_hat_bd = jax.lax.switch(case, [none, compact(few, True), compact(cap, False), full])
@@ -554,9 +569,7 @@ def _bwd(cfg, res, g: SparseOut):
         # AuxK on the compacted dead columns: the full case below on [B, width], scattered back
         # by row.
         idx, valid = aux.idx_c[:width], aux.valid_c[:width]
-        a_bc = aux_codes(jnp.where(valid, _acts(PreActs(acts_bn.pre_bn[:, idx],
-                                                        acts_bn.b_n[idx])), 0.0),
-                         valid, aux.thr_b1)
+        a_bc = aux_codes(_dead_columns(acts_bn, idx, valid), valid, aux.thr_b1)
         dpre_bc = jnp.where(a_bc > 0, g_aux @ w_dec_nd[idx].T, 0.0)
         dw_dec_nd = dw_dec_nd.at[idx].add(a_bc.T @ g_aux)  # padding columns are 0: add nothing
 
@@ -577,9 +590,9 @@ def _bwd(cfg, res, g: SparseOut):
       dpre_bn = dpre_bn.at[main.row_s, main.col_s].add(dpre_s)
       return dw_dec_nd, xc_bd.T @ dpre_bn, jnp.sum(dpre_bn, 0), dpre_bn @ w_enc_nd
 
-    few = aux_few(max(1, min(cfg.k_aux, n)), n)
+    widths = aux_widths(cfg.k_aux, n)
     dw_dec_nd, dw_enc_dn, db_enc_n, dx_bd = jax.lax.switch(
-        aux.case, [alive, compact(few), compact(max(1, n // AUX_COMPACT_DIV)), full], dw_dec_nd)
+        aux.case, [alive, compact(widths.few), compact(widths.cap), full], dw_dec_nd)
   dw_enc_dn = _row_major(dw_enc_dn)
   # b_dec: the decoder's bias, minus what the encoder input passed back (sum_b dx_b).
   db_dec_d = jnp.sum(g.x_hat_bd, 0) - w_enc_dn @ db_enc_n

@@ -131,7 +131,7 @@ def test_sparse_loss_and_grads_match_dense_over_chunks(monkeypatch, arch, b, d, 
   assert sparse.aux_is_dense(2 * k, n) == (aux != 'pairs')
   n_dead = {'dense_compact': n // 8, 'dense_few': k}.get(aux, n // 2)
   assert (n_dead <= n // sparse.AUX_COMPACT_DIV) == aux.startswith(('dense_compact', 'dense_few'))
-  assert (n_dead <= sparse.aux_few(2 * k, n)) == (aux == 'dense_few')
+  assert (n_dead <= sparse.aux_widths(2 * k, n).few) == (aux == 'dense_few')
   params = common.init_params(jax.random.key(2), d, n)
   params['b_dec'] = jnp.linspace(-0.5, 0.5, d)
   x = jax.random.normal(jax.random.key(3), (b, d))
