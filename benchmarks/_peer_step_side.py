@@ -16,11 +16,28 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
+import sys
 import time
 
-import torch
+
+def _retain_host_memory_first():
+  """--retain_host_memory 1: the same glibc settings as ours (csae_jax/hostmem.py, stdlib
+  only), applied before torch starts its threads, so the peer's step is timed both ways."""
+  pre = argparse.ArgumentParser(add_help=False)
+  pre.add_argument('--retain_host_memory', type=int, default=0)
+  if pre.parse_known_args()[0].retain_host_memory:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from csae_jax import hostmem  # pylint: disable=g-import-not-at-top
+    return hostmem.retain_freed_memory()
+  return None
+
+
+_RETAINED = _retain_host_memory_first()
+
+import torch  # noqa: E402  (after the allocator's settings)
 
 
 def saelens_step(a, x):
@@ -90,6 +107,8 @@ def main():
   p.add_argument('--dead', type=int, default=1)
   p.add_argument('--dead_frac', type=float, default=0.0, help='> 0: this fraction of the latents '
                  'held dead (overrides --dead)')
+  p.add_argument('--retain_host_memory', type=int, default=0, help='1: glibc keeps freed memory '
+                 '(csae_jax/hostmem.py), as our step runs')
   a = p.parse_args()
   torch.set_num_threads(a.threads)
   torch.manual_seed(0)
@@ -106,7 +125,7 @@ def main():
   s = statistics.median(step_s)
   print(json.dumps({'lib': a.lib, 'version': version, 'torch': torch.__version__, 'arch': a.arch,
                     's_per_step': s, 'steps_s': step_s, 'first_step_s': first_s,
-                    'threads': torch.get_num_threads(),
+                    'threads': torch.get_num_threads(), 'host_memory': _RETAINED,
                     'peak_rss_bytes': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 
 

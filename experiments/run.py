@@ -21,6 +21,10 @@ _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, "HOST:PORT of process 0's coordinator (same on every process).")
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, "This process's id in [0, num_processes).")
+_RETAIN_HOST_MEMORY = flags.DEFINE_boolean(
+    'retain_host_memory', True,
+    'glibc keeps freed host memory (csae_jax/hostmem.py): no fresh pages for every step\'s '
+    'buffers on CPU (a level-1 step 12-35% faster); resident memory stays at its peak.')
 
 SUMMARY_KEYS = (
     'level1/variance_explained', 'level1/l0', 'level1/dead_frac', 'level1/alive',
@@ -149,6 +153,12 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   if not flags.FLAGS['verbosity'].present:  # orbax logs every save at INFO; keep the bar readable
     logging.set_verbosity(logging.WARNING)
+  if _RETAIN_HOST_MEMORY.value:  # first: before JAX's backend starts its threads
+    from csae_jax import hostmem  # pylint: disable=g-import-not-at-top
+    kept = hostmem.retain_freed_memory()
+    if not kept['applied'] or kept['late']:
+      logging.warning('--retain_host_memory: %s%s', kept['reason'],
+                      ' (JAX had started: its threads keep their arenas)' if kept['late'] else '')
   from csae_jax import distributed  # pylint: disable=g-import-not-at-top  (fast --help)
   try:  # before anything touches devices
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
