@@ -23,12 +23,16 @@ import sys
 import time
 
 
+# --retain_host_memory is read before torch loads (then again by main's parser, its child)
+_PRE = argparse.ArgumentParser(add_help=False)
+_PRE.add_argument('--retain_host_memory', type=int, default=0, help='1: glibc keeps freed '
+                  'memory (csae_jax/hostmem.py), as our step runs')
+
+
 def _retain_host_memory_first():
   """--retain_host_memory 1: the same glibc settings as ours (csae_jax/hostmem.py, stdlib
   only), applied before torch starts its threads, so the peer's step is timed both ways."""
-  pre = argparse.ArgumentParser(add_help=False)
-  pre.add_argument('--retain_host_memory', type=int, default=0)
-  if pre.parse_known_args()[0].retain_host_memory:
+  if _PRE.parse_known_args()[0].retain_host_memory:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from csae_jax import hostmem  # pylint: disable=g-import-not-at-top
     return hostmem.retain_freed_memory()
@@ -98,7 +102,7 @@ def sparsify_step(a, x):
 
 
 def main():
-  p = argparse.ArgumentParser()
+  p = argparse.ArgumentParser(parents=[_PRE])
   p.add_argument('--lib', choices=('saelens', 'sparsify'), required=True)
   p.add_argument('--arch', choices=('topk', 'batchtopk'), required=True)
   for name in ('d', 'n', 'k', 'batch', 'steps'):
@@ -107,8 +111,6 @@ def main():
   p.add_argument('--dead', type=int, default=1)
   p.add_argument('--dead_frac', type=float, default=0.0, help='> 0: this fraction of the latents '
                  'held dead (overrides --dead)')
-  p.add_argument('--retain_host_memory', type=int, default=0, help='1: glibc keeps freed memory '
-                 '(csae_jax/hostmem.py), as our step runs')
   a = p.parse_args()
   torch.set_num_threads(a.threads)
   torch.manual_seed(0)

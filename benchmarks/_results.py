@@ -11,8 +11,9 @@ def device() -> dict:
   return {'device': dev.device_kind, 'platform': dev.platform, 'n_devices': len(jax.devices())}
 
 
-def save(result: dict, out: str, name: str) -> str:
-  """Prints `result` and writes it as JSON; returns the path."""
+def save(result: dict, out: str, name: str, markdown: str | None = None) -> str:
+  """Prints `result` and writes it as JSON; with `markdown`, also that table beside it (.md),
+  printed last. Returns the JSON's path."""
   print(json.dumps(result, indent=1))
   dev = jax.devices()[0]
   tag = dev.platform if dev.platform == 'cpu' else dev.device_kind.replace(' ', '_')
@@ -20,4 +21,8 @@ def save(result: dict, out: str, name: str) -> str:
   path = os.path.join(out, f'{name}_{tag}.json')
   with open(path, 'w') as f:
     json.dump(result, f, indent=1)
+  if markdown is not None:
+    with open(path[:-len('.json')] + '.md', 'w') as f:
+      f.write(markdown)
+    print(markdown)
   return path

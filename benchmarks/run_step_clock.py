@@ -38,13 +38,13 @@ MODES = {'retained host memory (default)': [], 'glibc defaults (--noretain_host_
 
 
 def write_rows(path: str, rows: int, d: int, parts: int = 2) -> None:
-  """Random activations as exported arrays (float32 .npy parts), scaled to unit row norm."""
+  """Random activations (about unit row norm) as exported float32 shards."""
   import numpy as np  # pylint: disable=g-import-not-at-top
-  os.makedirs(path, exist_ok=True)
+  from csae_jax.sources import arrays  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
-  for i in range(parts):
-    x = (rng.standard_normal((rows // parts, d), dtype=np.float32) / np.sqrt(d)).astype(np.float32)
-    np.save(os.path.join(path, f'part{i}.npy'), x)
+  chunks = (rng.standard_normal((rows // parts, d), dtype=np.float32) / np.sqrt(d)
+            for _ in range(parts))
+  arrays.write_shards(path, chunks, rows_per_shard=rows // parts)
 
 
 def stage_clock(data: str, workdir: str, sizes: tuple, steps: int, extra: list[str],
@@ -133,11 +133,7 @@ def main():
   from benchmarks import _results  # pylint: disable=g-import-not-at-top  (imports jax)
   res = {**_results.device(), 'config': args.config, 'sizes': list(sizes), 'rows': args.rows,
          'steps': [lo, hi], 'reps': args.reps, 'modes': modes}
-  path = _results.save(res, args.out, f'run_step_clock_{args.config}')
-  md = markdown(res)
-  with open(path[:-len('.json')] + '.md', 'w') as f:
-    f.write(md)
-  print(md)
+  _results.save(res, args.out, f'run_step_clock_{args.config}', markdown(res))
 
 
 if __name__ == '__main__':

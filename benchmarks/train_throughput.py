@@ -221,11 +221,7 @@ def main():
          'useful_gflop_per_step': {g: useful_flops(d, n, k, batch, g) / 1e9
                                    for g in ('alive', 'some', 'dead')}, 'matmul_gflops': peak, 'load_start': load_start,
          'load_end': load(), 'jax': jax.__version__, 'rows': rows}
-  path = _results.save(res, args.out, f'train_throughput_{args.config}')
-  md = markdown(res)
-  with open(path[:-len('.json')] + '.md', 'w') as f:
-    f.write(md)
-  print(md)
+  _results.save(res, args.out, f'train_throughput_{args.config}', markdown(res))
 
 
 if __name__ == '__main__':

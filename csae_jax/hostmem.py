@@ -47,11 +47,12 @@ def backend_started() -> bool:
 
 
 def retain_freed_memory() -> dict:
-  """Applies the settings above once per process. Returns {'applied': bool, 'reason': str};
-  'late': True when JAX's backend had already started (its threads keep their own arenas, so
+  """Applies the settings above once per process. Returns {'applied': bool, 'reason': str,
+  'late': bool}; 'late': True when JAX's backend had already started (its threads keep their own arenas, so
   the largest buffers may still be mapped fresh)."""
   if _state:
     return dict(_state)
+  _state['late'] = backend_started()
   if sys.platform != 'linux' or platform.libc_ver()[0] != 'glibc':
     _state.update(applied=False, reason=f'not glibc ({sys.platform}, {platform.libc_ver()[0]!r}): '
                   'the allocator is left as it is')
@@ -64,5 +65,4 @@ def retain_freed_memory() -> dict:
     _state.update(applied=False, reason=f'mallopt refused parameters {failed}')
   else:
     _state.update(applied=True, reason='glibc: one arena, no mmap, no trim')
-  _state['late'] = backend_started()
   return dict(_state)
